@@ -1,0 +1,256 @@
+"""``medsam3 prepare``: scans → deterministic, de-identified Parquet shards, on Ray Data.
+
+The recipe, top to bottom:
+1. discover cases in the driver (file names, JSON, DICOM headers; unknown labels fail here);
+2. one Ray Data read task per case: decode, validate, hash the inputs, emit rows slice by slice;
+3. ``write_parquet`` into a temporary folder beside OUTPUT, with deterministic file names;
+4. write ``manifest.json`` and ``rejected.json``, then rename the folder to OUTPUT.
+A failed or interrupted run leaves OUTPUT as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+from omegaconf import DictConfig, OmegaConf
+
+import medsam3
+from medsam3.io import CaseError, CaseRef, discover, read_case
+from medsam3.samples import case_rows
+from medsam3.schema import SCHEMA_VERSION
+from medsam3.vocab import Vocabulary
+
+MANIFEST = "manifest.json"
+REJECTED = "rejected.json"
+
+
+class PrepareError(RuntimeError):
+    """The run as a whole failed (every case rejected, or a rejection under strict=true)."""
+
+
+@dataclass
+class PrepareResult:
+    output: str
+    num_rows: int
+    num_cases: int
+    rejected: list[dict[str, str]]
+    counts: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- per-case work (runs in Ray tasks, or in a plain process for the benchmark) ---------------
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary(path: str | None, extra_json: str) -> Vocabulary:
+    return Vocabulary.from_file(path, json.loads(extra_json))
+
+
+def vocabulary_for(cfg: DictConfig) -> Vocabulary:
+    """The prompt vocabulary a config asks for (cached per process)."""
+    extra = OmegaConf.to_container(cfg.extra_labels, resolve=True) if cfg.extra_labels else {}
+    return _vocabulary(cfg.vocabulary, json.dumps(extra, sort_keys=True))
+
+
+def prepare_case(ref: CaseRef, cfg: DictConfig) -> tuple[list[dict[str, str]], Iterator[dict[str, Any]]]:
+    """Decode one case and return (its input files' digests, a generator of its rows).
+
+    Everything that can reject the case (reading, validation, vocabulary) happens before the
+    first row exists, so a case is either wholly in the shards or wholly rejected.
+    """
+    vocab = vocabulary_for(cfg)
+    case = read_case(ref, cfg)
+    rows = case_rows(case, cfg, vocab)
+    first = next(rows, None)
+
+    def all_rows() -> Iterator[dict[str, Any]]:
+        if first is not None:
+            yield first
+            yield from rows
+
+    return case.sources, all_rows()
+
+
+def _rows_task(item: dict[str, Any], cfg: DictConfig, ledger: Any) -> Iterator[dict[str, Any]]:
+    ref = CaseRef.from_dict(item)
+    try:
+        sources, rows = prepare_case(ref, cfg)
+    except CaseError as exc:
+        if cfg.strict:
+            raise
+        ledger.reject.remote(ref.dataset, _case_name(ref), str(exc))
+        return
+    ledger.accept.remote(ref.dataset, ref.case_id, sources)
+    yield from rows
+
+
+def _case_name(ref: CaseRef) -> str:
+    # DICOM file paths may carry patient names in folder names; rejected.json names the hashed id.
+    return ref.case_id if ref.layout == "dicom" else ref.files[0]
+
+
+class _Ledger:
+    """Collects, from all read tasks, which cases were accepted (with input digests) or rejected."""
+
+    def __init__(self) -> None:
+        self.accepted: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.rejected: dict[tuple[str, str], str] = {}
+
+    def accept(self, dataset: str, case_id: str, sources: list[dict[str, str]]) -> None:
+        self.accepted[(dataset, case_id)] = sources
+
+    def reject(self, dataset: str, case: str, reason: str) -> None:
+        self.rejected[(dataset, case)] = reason
+
+    def result(self) -> tuple[dict, dict]:
+        return self.accepted, self.rejected
+
+
+# --- the Ray job ------------------------------------------------------------------------------
+
+def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg: DictConfig,
+                address: str | None = None) -> PrepareResult:
+    """Prepare every case under ``input_dir`` into shards in ``output_dir`` (see module doc)."""
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    output = Path(output_dir).absolute()
+    _check_output(output)
+    refs, rejected_early = discover(input_dir, cfg, vocabulary_for(cfg))
+    if cfg.strict and rejected_early:
+        raise PrepareError(f"strict=true and {len(rejected_early)} case(s) rejected: {rejected_early[0]['reason']}")
+    if not refs:
+        raise PrepareError(f"no case to prepare in {input_dir}: {rejected_early[0]['reason'] if rejected_early else ''}")
+    print(f"prepare: {len(refs)} case(s) in {len({r.dataset for r in refs})} dataset(s)")
+
+    class ShardNames(FilenameProvider):  # deterministic names: DVC sees no churn between runs
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}.parquet"
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # deterministic row order and file contents
+    ledger = ray.remote(num_cpus=0)(_Ledger).remote()
+
+    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        dataset = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=len(refs))
+        dataset = dataset.flat_map(
+            _rows_task,
+            fn_kwargs={"cfg": cfg, "ledger": ledger},
+            num_cpus=float(cfg.num_cpus_per_case),
+            concurrency=cfg.concurrency,
+        )
+        try:
+            dataset.write_parquet(
+                str(staging),
+                filename_provider=ShardNames(),
+                max_rows_per_file=int(cfg.max_rows_per_file),
+                compression="zstd",
+                mode=ray.data.SaveMode.OVERWRITE,
+            )
+        except Exception as exc:  # Ray wraps user errors; surface the case's own message
+            cause = _root_cause(exc)
+            raise PrepareError(f"prepare failed: {cause}") from exc
+        accepted, rejected_late = ray.get(ledger.result.remote())
+        rejected = rejected_early + [
+            {"dataset": d, "case": c, "reason": r} for (d, c), r in sorted(rejected_late.items())
+        ]
+        if not accepted:
+            raise PrepareError(f"every case was rejected ({len(rejected)}); first: {rejected[0]['reason']}")
+        counts, num_rows = _count_rows(staging)
+        manifest = {
+            "format": "medsam3-shards",
+            "schema_version": SCHEMA_VERSION,
+            "medsam3_version": medsam3.__version__,
+            "config": _public_config(cfg),
+            "num_rows": num_rows,
+            "num_cases": len(accepted),
+            "num_rejected": len(rejected),
+            "files": sorted(p.name for p in staging.glob("*.parquet")),
+            "counts": counts,
+            "inputs": [
+                {"dataset": d, "case_id": c, **source}
+                for (d, c), sources in sorted(accepted.items())
+                for source in sorted(sources, key=lambda s: (s.get("path", ""), s["sha256"]))
+            ],
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (staging / REJECTED).write_text(json.dumps(rejected, indent=1) + "\n")
+        _replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        ray.kill(ledger)
+    return PrepareResult(str(output), num_rows, len(accepted), rejected, counts)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST).is_file())):
+        raise PrepareError(f"output {output} exists and is not a medsam3 shard folder; refusing to overwrite it")
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Swap the finished staging folder in for OUTPUT (renames on one filesystem)."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _count_rows(folder: Path) -> tuple[list[dict[str, Any]], int]:
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["dataset", "label", "modality", "area"])
+    rows, positive = Counter(), Counter()
+    for dataset, label, modality, area in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+        rows[(dataset, label, modality)] += 1
+        positive[(dataset, label, modality)] += area > 0
+    counts = [
+        {"dataset": d, "label": lab, "modality": m, "rows": n, "with_mask": positive[(d, lab, m)],
+         "empty": n - positive[(d, lab, m)]}
+        for (d, lab, m), n in sorted(rows.items())
+    ]
+    return counts, table.num_rows
+
+
+def _public_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as recorded in the manifest: no salt, no absolute paths."""
+    public = OmegaConf.to_container(cfg, resolve=True)
+    public.pop("salt", None)
+    if public.get("vocabulary"):
+        public["vocabulary"] = Path(public["vocabulary"]).name
+    return public
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def format_summary(result: PrepareResult) -> str:
+    """The end-of-run table: rows per dataset / label / modality, and the rejected cases."""
+    header = ("dataset", "label", "modality", "rows", "with mask", "empty")
+    body = [(c["dataset"], c["label"], c["modality"], c["rows"], c["with_mask"], c["empty"]) for c in result.counts]
+    body.append(("total", "", "", result.num_rows, sum(c["with_mask"] for c in result.counts),
+                 sum(c["empty"] for c in result.counts)))
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"\n{result.num_cases} case(s) prepared, {len(result.rejected)} rejected → {result.output}")
+    lines += [f"  rejected: {r['reason']}" for r in result.rejected[:20]]
+    if len(result.rejected) > 20:
+        lines.append(f"  ... and {len(result.rejected) - 20} more in {REJECTED}")
+    return "\n".join(lines)

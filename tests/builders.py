@@ -1,0 +1,167 @@
+"""Build real NIfTI / DICOM / DICOM-SEG test inputs from the real volumes in ../shared/data.
+
+The MedSAM2 NPZ volumes are already CT-windowed uint8 (soft tissue, W400/L40). Mapping them back
+to Hounsfield units with the inverse window means that `prepare` on the NIfTI or DICOM copy must
+give the same pixels as on the NPZ (up to rounding): a strong check of orientation and windowing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():  # CI clones main into another folder, with shared/ beside it
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RECIST = SHARED / "medsam2-recist-ct"
+SAMMED2D = SHARED / "sam-med2d-demo"
+
+# A patient identity that must never reach the shards or the manifest.
+PHI = {
+    "PatientName": "Doe^Jane^Q",
+    "PatientID": "PID-4711-SECRET",
+    "PatientBirthDate": "19700101",
+    "AccessionNumber": "ACC-99887766",
+    "InstitutionName": "St Example Secret Hospital",
+    "ReferringPhysicianName": "House^Gregory",
+}
+
+
+def load_recist(name: str | None = None) -> dict[str, np.ndarray]:
+    """One real MedSAM2 CT lesion NPZ as a dict (the first file by name by default)."""
+    files = sorted(RECIST.glob("*.npz"))
+    path = files[0] if name is None else RECIST / name
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files} | {"name": path.stem}
+
+
+def uint8_to_hu(imgs: np.ndarray, width: float = 400.0, level: float = 40.0) -> np.ndarray:
+    """Inverse of the soft-tissue window: 0..255 → HU (int16)."""
+    low = level - width / 2
+    return np.rint(imgs.astype(np.float32) * (width / 255.0) + low).astype(np.int16)
+
+
+def lps_affine(spacing, direction=None, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """ITK-style geometry (LPS) → NIfTI affine (RAS) for an array indexed (x, y, z)."""
+    d = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+    aff = np.eye(4)
+    aff[:3, :3] = d * np.asarray(spacing, float)[None, :]
+    aff[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
+
+
+def write_msd_dataset(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      labels: dict[int, str], modality: str = "CT", name: str = "TestMSD") -> Path:
+    """Write an MSD layout: cases maps id → (image xyz, label xyz, affine)."""
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for case_id, (image, label, affine) in cases.items():
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"{case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), root / "labelsTr" / f"{case_id}.nii.gz")
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    spec = {
+        "name": name,
+        "modality": {"0": modality},
+        "labels": {"0": "background", **{str(k): v for k, v in labels.items()}},
+        "numTraining": len(training),
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(spec, indent=2))
+    return root
+
+
+def write_ct_series(out_dir: Path, hu: np.ndarray, spacing, shuffle_seed: int | None = 0,
+                    intercept: float = -1024.0, nested: bool = True) -> list[pydicom.Dataset]:
+    """Write a CT series from an array indexed (z, row, col) with HU values.
+
+    Slices are stored as unsigned values with RescaleIntercept (so HU needs the rescale), named in
+    a shuffled order and spread over nested folders (so readers must sort by position).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    sx, sy, sz = (float(s) for s in spacing)
+    order = np.arange(hu.shape[0])
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    datasets = []
+    for rank, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality = "CT"
+        for key, value in PHI.items():
+            setattr(ds, key, value)
+        ds.PatientSex = "F"
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200102"
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101010"
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 3, int(k) + 1
+        ds.Manufacturer = "TestVendor"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k) * sz]
+        ds.SliceThickness = sz
+        ds.PixelSpacing = [sy, sx]
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, 1.0, "HU"
+        ds.PixelData = (hu[k].astype(np.int32) - int(intercept)).astype(np.uint16).tobytes()
+        sub = out_dir / (f"d{rank % 3}" if nested else "") / f"img_{rank:04d}.dcm"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(sub, enforce_file_format=True)
+        datasets.append(ds)
+    return datasets
+
+
+def write_seg(path: Path, source: list[pydicom.Dataset], masks: dict[str, np.ndarray]) -> hd.seg.Segmentation:
+    """A DICOM-SEG over ``source`` (sorted or not) with one binary segment per label name.
+
+    ``masks`` arrays are indexed (z, row, col) in the order of increasing z position.
+    """
+    ordered = sorted(source, key=lambda d: float(d.ImagePositionPatient[2]))
+    descriptions = []
+    for number, label in enumerate(masks, start=1):
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        ))
+    stack = np.stack([m.astype(bool) for m in masks.values()], axis=-1)  # (z, r, c, segments)
+    seg = hd.seg.Segmentation(
+        source_images=ordered,
+        pixel_array=stack,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=100,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="medsam3-tests",
+        manufacturer_model_name="builder",
+        software_versions="0",
+        device_serial_number="1",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return seg
+
+
+def today() -> str:
+    return datetime.date.today().strftime("%Y%m%d")
