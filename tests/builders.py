@@ -165,3 +165,12 @@ def write_seg(path: Path, source: list[pydicom.Dataset], masks: dict[str, np.nda
 
 def today() -> str:
     return datetime.date.today().strftime("%Y%m%d")
+
+
+def reorient(canonical: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Store a RAS-canonical array in another orientation (e.g. "PIL"), with the matching affine."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    ornt = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(axcodes)))
+    data = apply_orientation(canonical, ornt)
+    return np.ascontiguousarray(data), affine @ inv_ornt_aff(ornt, canonical.shape)

@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install install-test demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Until training lands: make the synthetic phantom dataset and prepare it into shards.
+demo: install
+	$(BIN)/medsam3 phantom data/phantom
+	$(BIN)/medsam3 prepare data/phantom data/shards --params params.yaml
+
+test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra
+
+lint: install-test
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/prepare.py
+
+clean:
+	rm -rf data .pytest_cache .ruff_cache

@@ -1,0 +1,31 @@
+"""Shared fixtures: a local Ray for the whole session, and paths to the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.builders import RECIST, SAMMED2D, SHARED
+
+
+def pytest_sessionstart(session):
+    missing = [p for p in (RECIST, SAMMED2D) if not p.is_dir()]
+    if missing:
+        raise pytest.UsageError(f"real test data not found: {missing} (expected ../shared/data beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for every test that runs a Ray job (starting Ray costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    return SHARED
