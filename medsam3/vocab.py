@@ -70,13 +70,15 @@ class Vocabulary:
         """Load a vocabulary file (default ``configs/prompts.yaml``)."""
         path = Path(path) if path else CONFIG_DIR / "prompts.yaml"
         spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        extra = OmegaConf.to_container(extra_labels, resolve=True) if OmegaConf.is_config(extra_labels) else extra_labels
+        extra = extra_labels
+        if OmegaConf.is_config(extra):
+            extra = OmegaConf.to_container(extra, resolve=True)
         return cls(spec, extra)
 
     def _add(self, name: str, body: Mapping[str, Any]) -> None:
         key = normalize(name)
-        entry = PromptEntry(prompt=str(body.get("prompt") or key), window=str(body.get("window") or self.default_window))
-        self._entries[key] = entry
+        window = str(body.get("window") or self.default_window)
+        self._entries[key] = PromptEntry(prompt=str(body.get("prompt") or key), window=window)
         self._aliases[key] = key
         for synonym in body.get("synonyms") or []:
             self._aliases[normalize(synonym)] = key

@@ -80,15 +80,15 @@ def prepare_case(ref: CaseRef, cfg: DictConfig) -> tuple[list[dict[str, str]], I
 
 
 def _rows_task(item: dict[str, Any], cfg: DictConfig, ledger: Any) -> Iterator[dict[str, Any]]:
+    import ray
+
     ref = CaseRef.from_dict(item)
     try:
         sources, rows = prepare_case(ref, cfg)
-    except CaseError as exc:
-        if cfg.strict:
-            raise
-        ledger.reject.remote(ref.dataset, _case_name(ref), str(exc))
+    except CaseError as exc:  # under strict=true the driver fails the run after the write
+        ray.get(ledger.reject.remote(ref.dataset, _case_name(ref), str(exc)))  # wait: the driver reads it next
         return
-    ledger.accept.remote(ref.dataset, ref.case_id, sources)
+    ray.get(ledger.accept.remote(ref.dataset, ref.case_id, sources))
     yield from rows
 
 
@@ -128,7 +128,8 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
     if cfg.strict and rejected_early:
         raise PrepareError(f"strict=true and {len(rejected_early)} case(s) rejected: {rejected_early[0]['reason']}")
     if not refs:
-        raise PrepareError(f"no case to prepare in {input_dir}: {rejected_early[0]['reason'] if rejected_early else ''}")
+        first = rejected_early[0]["reason"] if rejected_early else ""
+        raise PrepareError(f"no case to prepare in {input_dir}: {first}")
     print(f"prepare: {len(refs)} case(s) in {len({r.dataset for r in refs})} dataset(s)")
 
     class ShardNames(FilenameProvider):  # deterministic names: DVC sees no churn between runs
@@ -165,6 +166,9 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
         rejected = rejected_early + [
             {"dataset": d, "case": c, "reason": r} for (d, c), r in sorted(rejected_late.items())
         ]
+        if cfg.strict and rejected:
+            raise PrepareError(f"strict=true and {len(rejected)} case(s) rejected: "
+                               + "; ".join(r["reason"] for r in rejected[:5]))
         if not accepted:
             raise PrepareError(f"every case was rejected ({len(rejected)}); first: {rejected[0]['reason']}")
         counts, num_rows = _count_rows(staging)
@@ -246,8 +250,10 @@ def format_summary(result: PrepareResult) -> str:
     body.append(("total", "", "", result.num_rows, sum(c["with_mask"] for c in result.counts),
                  sum(c["empty"] for c in result.counts)))
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [header, *body]]
+    lines = [
+        "  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"\n{result.num_cases} case(s) prepared, {len(result.rejected)} rejected → {result.output}")
     lines += [f"  rejected: {r['reason']}" for r in result.rejected[:20]]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from medsam3.config import load_config
 from medsam3.io import CaseError, discover, read_case
+from medsam3.io.npz import to_canonical
 from medsam3.samples import case_rows
 from medsam3.transforms import resize_pad
 from medsam3.vocab import Vocabulary
@@ -28,7 +29,6 @@ from tests.builders import (
     write_msd_dataset,
     write_seg,
 )
-from medsam3.io.npz import to_canonical
 
 SIZE = 256
 

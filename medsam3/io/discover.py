@@ -89,7 +89,9 @@ def discover(root: str | Path, cfg: Any, vocab: Vocabulary) -> tuple[list[CaseRe
     for ref in refs:
         key = (ref.dataset, ref.case_id)
         if key in seen:
-            raise DiscoveryError(f"dataset {ref.dataset}: two cases named {ref.case_id!r} ({seen[key].files[0]}, {ref.files[0]})")
+            raise DiscoveryError(
+                f"dataset {ref.dataset}: two cases named {ref.case_id!r} ({seen[key].files[0]}, {ref.files[0]})"
+            )
         seen[key] = ref
     return sorted(refs, key=lambda r: (r.dataset, r.case_id)), rejected
 
@@ -179,15 +181,16 @@ def _dicom(folder: Path, name: str, cfg: Any, vocab: Vocabulary):
     for uid, group in sorted(groups.items(), key=lambda kv: kv[1].files[0]):
         case_id = hashed_case_id(uid, str(cfg.salt))
         if not group.segs:
-            rejected.append({"dataset": name, "case": case_id,
-                             "reason": f"{group.files[0]}: no DICOM-SEG references this series ({len(group.files)} files)"})
+            reason = f"{group.files[0]}: no DICOM-SEG references this series ({len(group.files)} files)"
+            rejected.append({"dataset": name, "case": case_id, "reason": reason})
             continue
         modality = normalize_modality(cfg.modality or group.modality)
         unknown |= {n for n in group.segment_labels if vocab.lookup(n, modality) is None}
         refs.append(CaseRef(name, "dicom", case_id, str(folder), tuple(sorted(group.files)), modality,
                             {"segs": sorted(group.segs)}))
     for seg in orphans:
-        rejected.append({"dataset": name, "case": seg, "reason": f"{seg}: DICOM-SEG references a series that is not in the input"})
+        reason = f"{seg}: DICOM-SEG references a series that is not in the input"
+        rejected.append({"dataset": name, "case": seg, "reason": reason})
     if unknown:
         raise UnknownLabelError(unknown, f"{folder.name} (DICOM-SEG segment labels)")
     return refs, rejected

@@ -45,9 +45,10 @@ def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data, affine, _, (slope, inter) = load_canonical(path, what="label map")
     if (slope, inter) != (1.0, 0.0):
         data = data * slope + inter
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or not np.all(data == np.rint(data)):
-            raise CaseError(f"label map {os.fspath(path)}: values are not integers")
+    if not np.issubdtype(data.dtype, np.integer) and not (
+        np.all(np.isfinite(data)) and np.all(data == np.rint(data))
+    ):
+        raise CaseError(f"label map {os.fspath(path)}: values are not integers")
     if data.min() < 0 or data.max() > np.iinfo(np.uint16).max:
         raise CaseError(f"label map {os.fspath(path)}: label values outside 0..65535")
     dtype = np.uint8 if data.max() <= 255 else np.uint16

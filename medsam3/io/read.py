@@ -74,7 +74,9 @@ def _sam_med2d(ref: CaseRef, root: Path, cfg: Any) -> Case:
     for mask_file in mask_files:
         mask = read_binary_mask(root / mask_file)
         if mask.shape != image.shape[:2]:
-            raise CaseError(f"{ref.dataset}/{mask_file}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
+            raise CaseError(
+                f"{ref.dataset}/{mask_file}: mask shape {mask.shape} differs from image shape {image.shape[:2]}"
+            )
         masks.append((target_of(Path(mask_file).stem, Path(image_file).stem), mask))
     layers, names = pack_layers(masks, image.shape[:2])
     case = Case(ref.case_id, ref.dataset, ref.modality, image, layers, names, (1.0, 1.0, 1.0), None)
