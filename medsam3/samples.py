@@ -21,7 +21,6 @@ from medsam3.transforms import (
     resize_pad,
     resized_shape,
     robust_range,
-    to_rgb,
     window_to_uint8,
 )
 from medsam3.vocab import Vocabulary
@@ -119,7 +118,7 @@ def case_rows(case: Case, cfg: Any, vocab: Vocabulary) -> Iterator[dict[str, Any
             if present and area < int(cfg.min_mask_pixels):
                 continue  # too small to survive resizing: neither a target nor a true absence
             if window not in images:
-                images[window] = to_rgb(resize_pad(intensity(plane, window), size))
+                images[window] = resize_pad(intensity(plane, window), size, channels=3)
             yield {
                 "image": images[window],
                 "mask": stored_mask,

@@ -43,7 +43,7 @@ def display_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     patient's left (axial, coronal) or posterior (sagittal). The same flip-and-transpose holds
     for all three axes because both remaining RAS axes point the "wrong" way for display.
     """
-    plane = np.take(volume, index, axis=axis)
+    plane = volume[(slice(None),) * axis + (index,)]  # a view; np.take would copy
     return plane[::-1, ::-1].T
 
 
@@ -101,11 +101,12 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def resize_pad(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+def resize_pad(image: np.ndarray, size: int, nearest: bool = False, channels: int | None = None) -> np.ndarray:
     """Resize the longest side to ``size`` and zero-pad bottom/right to a ``size``² square.
 
     Images use bilinear interpolation (antialiased when shrinking), masks ``nearest=True``.
     Padding only at the bottom/right keeps pixel coordinates of the content unchanged.
+    ``channels=3`` writes a grayscale image straight into an RGB output (no extra copy).
     """
     if image.dtype != np.uint8:
         raise TypeError(f"resize_pad expects uint8, got {image.dtype}")
@@ -114,6 +115,10 @@ def resize_pad(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarra
     if (new_h, new_w) != (height, width):
         resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=resample))
+    if channels is not None and image.ndim == 2:
+        out = np.zeros((size, size, channels), np.uint8)
+        out[:new_h, :new_w] = image[:, :, None]
+        return out
     out = np.zeros((size, size) + image.shape[2:], np.uint8)
     out[:new_h, :new_w] = image
     return out

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from medsam3.config import load_config
 from medsam3.phantom import make_case
-from medsam3.schema import COLUMNS, validate_shards
+from medsam3.schema import COLUMNS, decode_row, validate_shards
 from preprocessing.prepare import PrepareError, run_prepare
 from tests.builders import (
     PHI,
@@ -62,7 +63,7 @@ def prepared(mixed_root, tmp_path_factory):
 def read_rows(folder: Path) -> list[dict]:
     import ray
 
-    return ray.data.read_parquet(str(folder)).take_all()
+    return [decode_row(r) for r in ray.data.read_parquet(str(folder)).take_all()]
 
 
 def test_mixed_layouts_rows_and_manifest(prepared, mixed_root):
@@ -130,7 +131,7 @@ def test_no_patient_identity_or_absolute_path_in_output(prepared, mixed_root):
         table = pq.read_table(shard)
         texts.append(str(table.schema.metadata))
         for name in table.column_names:
-            if COLUMNS[name][0] == "string":
+            if table.schema.field(name).type == pa.string():
                 texts.extend(table.column(name).to_pylist())
         raw = shard.read_bytes()
         assert not any(s.encode() in raw for s in secrets)
@@ -236,3 +237,22 @@ def test_cli_help_and_run(tmp_path, mixed_root):
     assert manifest["config"]["image_size"] == 64 and "salt" not in manifest["config"]
 
 
+
+
+def test_shard_schema_checks(prepared, tmp_path):
+    import ray
+
+    from medsam3.schema import ShardSchemaError, decode_batch
+
+    out, _ = prepared
+    batch = decode_batch(ray.data.read_parquet(str(out)).take_batch(4, batch_format="numpy"))
+    assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["mask"].shape == (4, SIZE, SIZE)
+    assert [int(m.sum()) for m in batch["mask"]] == list(batch["area"])
+    with pytest.raises(ShardSchemaError, match="no manifest.json"):
+        validate_shards(tmp_path)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "manifest.json").write_text((out / "manifest.json").read_text())
+    pq.write_table(pa.table({"image": [b"x"], "prompt": [1]}), fake / "part-0.parquet")
+    with pytest.raises(ShardSchemaError, match="missing column 'mask'.*column 'prompt' is int64"):
+        validate_shards(fake)
