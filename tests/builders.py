@@ -19,9 +19,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+# ../shared/data beside the checkout (CI clones main elsewhere, with shared/ beside it too)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():  # CI clones main into another folder, with shared/ beside it
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RECIST = SHARED / "medsam2-recist-ct"
 SAMMED2D = SHARED / "sam-med2d-demo"
 
