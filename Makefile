@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test demo test lint bench clean
+.PHONY: install install-test demo repro test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/medsam3 phantom data/phantom
 	$(BIN)/medsam3 prepare data/phantom data/shards --params params.yaml
+
+# The DVC pipeline (dvc.yaml): phantom → prepare, re-run only where inputs, params or code changed.
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install-test
 	$(BIN)/ruff check .
