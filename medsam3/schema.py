@@ -124,22 +124,6 @@ def parquet_options() -> dict:
     }
 
 
-COLUMNS: dict[str, str] = {
-    "image": "uint8 (S, S, 3) as raw bytes: the slice, intensity-normalised, resized and padded",
-    "mask": "uint8 (S, S) 0/1 as raw bytes: the label's mask on the stored image",
-    "box": "float32 x4: x0, y0, x1, y1 of the mask in stored pixels (x1, y1 exclusive); zeros if empty",
-    "prompt": "text prompt for SAM3",
-    "label": "label name as the source dataset spells it",
-    "dataset": "dataset name",
-    "modality": "CT, MR, US, ... (UNKNOWN when not given)",
-    "case_id": "case identifier (a salted hash for DICOM)",
-    "slice_index": "index of the slice along the slicing axis; -1 for 2D images",
-    "num_slices": "number of slices of the case along that axis; 1 for 2D images",
-    "spacing": "float32 x3: mm per stored pixel along rows, columns, and between slices",
-    "orig_size": "int32 x2: rows, columns of the slice before resizing",
-    "area": "foreground pixels of the stored mask (0 for an empty row)",
-    "source_sha256": "sha256 over the sorted sha256 digests of the case's input files",
-}
 
 class ShardSchemaError(ValueError):
     """A folder is not a medsam3 shard folder, or its schema differs from ``prepare``'s."""
