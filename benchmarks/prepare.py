@@ -130,7 +130,7 @@ def peak_memory_child(input_dir: str, image_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--shape", default="256,256,48")
     parser.add_argument("--image-size", type=int, default=1008)
     parser.add_argument("--big-slices", type=int, default=600, help="depth of the 512×512×D memory case")
@@ -152,8 +152,10 @@ def main() -> None:
         data = write_dataset(tmp / "cases", args.cases, shape)
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        # warm-up: start one worker per CPU and import the readers in each, as a long job would have
-        run_prepare(write_dataset(tmp / "warm", cpus, (32, 32, 4)), tmp / "warm-out", cfg)
+        # Warm-up, as a long job would be after its first cases: one worker per CPU with the
+        # readers imported and a full 16-row block through the memory pool (first-touch page
+        # faults cost ~1.5 s per worker on these VMs).
+        run_prepare(write_dataset(tmp / "warm", cpus, (64, 64, 16)), tmp / "warm-out", cfg)
 
         start = time.perf_counter()
         result = run_prepare(data, tmp / "ray-out", cfg)
