@@ -18,7 +18,7 @@ from medsam3.config import load_config
 from medsam3.io import CaseError, discover, read_case
 from medsam3.io.npz import to_canonical
 from medsam3.samples import case_rows
-from medsam3.transforms import resize_pad
+from medsam3.transforms import resize_pad, resized_shape
 from medsam3.vocab import Vocabulary
 from tests.builders import (
     SAMMED2D,
@@ -173,3 +173,73 @@ def test_medical_sam3_npz_with_text_prompts(tmp_path, recist, vocab):
         read_case(pickled_ref, config)
     trusted = cfg(empty_fraction=0, allow_pickle="true")
     assert len(list(case_rows(read_case(pickled_ref, trusted), trusted, vocab))) == len(rows)
+
+
+def test_pydicom_bundled_files(tmp_path, vocab):
+    """Real DICOM files from pydicom: a one-slice CT with a SEG drawn on it, an MR series with no
+    SEG (rejected, named by hashed id), and a DICOMDIR and a text file (ignored)."""
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    root = tmp_path / "pydicom"
+    (root / "a" / "b").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "a" / "b" / "IM0001")
+    shutil.copy(get_testdata_file("MR_small.dcm"), root / "a" / "mr.dcm")
+    shutil.copy(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    (root / "notes.txt").write_text("not dicom")
+    ct = pydicom.dcmread(root / "a" / "b" / "IM0001")
+    hu = apply_modality_lut(ct.pixel_array, ct)
+    mask = hu > 100  # the bright structures of the slice
+    write_seg(root / "seg" / "seg.dcm", [ct], {"bone": mask[None]})
+    config = cfg(empty_fraction=0, image_size=128)
+    refs, rejected = discover(root, config, vocab)
+    assert len(refs) == 1 and len(rejected) == 1
+    assert rejected[0]["case"].startswith("dcm-") and "no DICOM-SEG" in rejected[0]["reason"]
+    case = read_case(refs[0], config)
+    assert case.image.shape[2] == 1 and case.modality == "CT"
+    assert np.array_equal(np.sort(case.image.ravel()), np.sort(hu.ravel().astype(np.float32)))  # rescaled
+    (row,) = list(case_rows(case, config, vocab))
+    assert row["prompt"] == "bone" and row["modality"] == "CT"
+    assert row["spacing"][:2] == pytest.approx([float(ct.PixelSpacing[0]), float(ct.PixelSpacing[1])], rel=1e-4)
+    assert row["area"] == mask.sum()  # 128 → 128: the mask is stored unchanged
+    assert np.array_equal(row["mask"], mask.astype(np.uint8))  # and in the same orientation
+
+
+def test_nnunet_v2_layout_and_slice_axes(tmp_path, vocab):
+    from medsam3.phantom import ORGANS, make_case
+
+    hu, labels = make_case((40, 36, 24), seed=4)
+    folder = tmp_path / "Dataset001_Phantom"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    affine = np.diag([2.0, 2.5, 3.0, 1.0])
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(hu, affine), folder / "imagesTr" / "ph_001_0000.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), folder / "labelsTr" / "ph_001.nii.gz")
+    names = {"background": 0, **{n: v for v, (n, *_) in ORGANS.items()}, "vertebra": 7}
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": names,
+                                                     "file_ending": ".nii.gz", "numTraining": 1}))
+    for axis, depth, (row_mm, col_mm) in ((2, 24, (2.5, 2.0)), (1, 36, (3.0, 2.0)), (0, 40, (3.0, 2.5))):
+        config = cfg(empty_fraction=0, slice_axis=axis, image_size=64)
+        (ref,) = discover(folder, config, vocab)[0]
+        assert ref.case_id == "ph_001" and ref.modality == "CT"
+        rows = list(case_rows(read_case(ref, config), config, vocab))
+        assert {r["num_slices"] for r in rows} == {depth}
+        liver = max((r for r in rows if r["label"] == "liver"), key=lambda r: r["area"])
+        h, w = liver["orig_size"]
+        new_h, new_w = resized_shape(h, w, 64)
+        assert liver["spacing"] == pytest.approx([row_mm * h / new_h, col_mm * w / new_w, [2.0, 2.5, 3.0][axis]])
+        # liver voxels in the source volume == liver pixels over all its slices (before resizing)
+        if axis == 2:
+            total = sum(int((labels[:, :, r["slice_index"]] == 1).sum()) for r in rows if r["label"] == "liver")
+            assert total == int((labels == 1).sum())
+        if axis in (1, 2):  # patient's right (liver) on the viewer's left
+            cols = np.flatnonzero(liver["mask"].any(axis=0))
+            assert cols.mean() < new_w / 2
+        if axis == 1:  # coronal: lungs above the liver
+            lung = max((r for r in rows if r["label"] == "lung_right"), key=lambda r: r["area"])
+            assert np.flatnonzero(lung["mask"].any(axis=1)).mean() < np.flatnonzero(liver["mask"].any(axis=1)).mean()
