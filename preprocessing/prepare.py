@@ -133,7 +133,9 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
     _check_output(output)
     refs, rejected_early = discover(input_dir, cfg, vocabulary_for(cfg))
     if cfg.strict and rejected_early:
-        raise PrepareError(f"strict=true and {len(rejected_early)} case(s) rejected: {rejected_early[0]['reason']}")
+        first = rejected_early[0]
+        count = len(rejected_early)
+        raise PrepareError(f"strict=true and {count} case(s) rejected: {first['case']}: {first['reason']}")
     if not refs:
         first = rejected_early[0]["reason"] if rejected_early else ""
         raise PrepareError(f"no case to prepare in {input_dir}: {first}")
@@ -180,8 +182,10 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
             cause = _root_cause(exc)
             raise PrepareError(f"prepare failed: {cause}") from exc
         accepted, rejected_late = _read_ledger(ledger)
+        first_file = {(r.dataset, r.case_id): r.files[0] for r in refs if r.layout == "dicom"}
         rejected = rejected_early + [
-            {"dataset": d, "case": c, "reason": r} for (d, c), r in sorted(rejected_late.items())
+            {"dataset": d, "case": c, "reason": r, **({"where": first_file[(d, c)]} if (d, c) in first_file else {})}
+            for (d, c), r in sorted(rejected_late.items())
         ]
         if cfg.strict and rejected:
             raise PrepareError(f"strict=true and {len(rejected)} case(s) rejected: "
@@ -206,7 +210,9 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
             ],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        (staging / REJECTED).write_text(json.dumps(rejected, indent=1) + "\n")
+        # "where" (a DICOM file path, which may name the patient) is for the console only
+        public = [{k: v for k, v in r.items() if k != "where"} for r in rejected]
+        (staging / REJECTED).write_text(json.dumps(public, indent=1) + "\n")
         _replace(staging, output)
     finally:
         for leftover in (staging, ledger):
@@ -273,7 +279,8 @@ def format_summary(result: PrepareResult) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"\n{result.num_cases} case(s) prepared, {len(result.rejected)} rejected → {result.output}")
-    lines += [f"  rejected: {r['reason']}" for r in result.rejected[:20]]
+    lines += [f"  rejected {r['case']}: {r['reason']}" + (f"  [first file: {r['where']}]" if "where" in r else "")
+              for r in result.rejected[:20]]
     if len(result.rejected) > 20:
         lines.append(f"  ... and {len(result.rejected) - 20} more in {REJECTED}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ def mixed_root(tmp_path_factory):
     recist = load_recist()
     datasets = write_ct_series(root / "dicom" / "Doe^Jane" / "ct", uint8_to_hu(recist["imgs"]), recist["spacing"])
     write_seg(root / "dicom" / "Doe^Jane" / "seg" / "lesion_seg.dcm", datasets, {"lesion": recist["gts"]})
+    write_ct_series(root / "dicom" / "Doe^Jane" / "scout", uint8_to_hu(recist["imgs"][:2]), recist["spacing"])  # no SEG
     hu, labels = make_case((48, 40, 12), seed=1)
     write_msd_dataset(root / "msd", {"phantom_a": (hu, labels, np.diag([2.0, 2.0, 4.0, 1.0]))},
                       {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "lung_left",
@@ -74,7 +75,10 @@ def test_mixed_layouts_rows_and_manifest(prepared, mixed_root):
     datasets = {r["dataset"] for r in rows}
     assert datasets == {"sammed2d", "recist", "dicom", "Phantom"}
     assert manifest["num_cases"] == 4 + 4 + 1 + 1
-    assert [r["case"] for r in result.rejected] == ["images/amos_0507_31.png"]  # an image with no mask
+    rejected = {r["case"]: r for r in result.rejected}
+    assert len(rejected) == 2 and "no mask files" in rejected["images/amos_0507_31.png"]["reason"]
+    scout = next(r for c, r in rejected.items() if c.startswith("dcm-"))  # a series without SEG
+    assert "no DICOM-SEG" in scout["reason"] and scout["where"].startswith("Doe^Jane/scout/")
     for row in rows:
         assert set(row) == set(COLUMNS)
         assert row["image"].shape == (SIZE, SIZE, 3) and row["image"].dtype == np.uint8
@@ -126,7 +130,7 @@ def test_deterministic_outputs(prepared, mixed_root, tmp_path):
 def test_no_patient_identity_or_absolute_path_in_output(prepared, mixed_root):
     out, _ = prepared
     secrets = [*PHI.values(), "Doe^Jane", str(mixed_root), str(mixed_root.resolve()), str(SAMMED2D)]
-    texts = [(out / "manifest.json").read_text()]
+    texts = [(out / "manifest.json").read_text(), (out / "rejected.json").read_text()]
     for shard in out.glob("*.parquet"):
         table = pq.read_table(shard)
         texts.append(str(table.schema.metadata))

@@ -34,8 +34,8 @@ class SeriesGroup:
     segment_labels: list[str] = field(default_factory=list)
 
 
-def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[str]]:
-    """Group every DICOM file under ``root`` by series; returns (groups, orphan SEG files).
+def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[tuple[str, str]]]:
+    """Group every DICOM file under ``root`` by series; returns (groups, orphan SEGs as (file, UID)).
 
     Files that are not DICOM (or have no SeriesInstanceUID, like a DICOMDIR) are ignored.
     """
@@ -54,17 +54,17 @@ def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[s
         if ds.get("Modality") == "SEG":
             refs = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", [])]
             labels = [str(s.SegmentLabel) for s in ds.get("SegmentSequence", [])]
-            segs.append((rel, refs[0] if refs else "", labels))
+            segs.append((rel, str(uid), refs[0] if refs else "", labels))
             continue
         group = groups.setdefault(str(uid), SeriesGroup(str(uid), str(ds.get("Modality", ""))))
         group.files.append(rel)
     orphans = []
-    for rel, ref, labels in segs:
+    for rel, uid, ref, labels in segs:
         if ref in groups:
             groups[ref].segs.append(rel)
             groups[ref].segment_labels.extend(labels)
         else:
-            orphans.append(rel)
+            orphans.append((rel, uid))
     return groups, orphans
 
 
@@ -87,7 +87,7 @@ def read_series(root: str | os.PathLike, files: Iterable[str], seg_files: Iterab
         volume = hd.get_volume_from_series(datasets, dtype=np.float32)
     except Exception as exc:
         raise CaseError(
-            f"DICOM series in {files[0]} (+{len(files) - 1} files): cannot build a volume "
+            f"DICOM series ({len(files)} files): cannot build a volume "
             f"({type(exc).__name__}: {exc})"
         ) from exc
     image_nii = nib.as_closest_canonical(volume.to_nibabel())
@@ -107,7 +107,8 @@ def read_series(root: str | os.PathLike, files: Iterable[str], seg_files: Iterab
         except CaseError:
             raise
         except Exception as exc:
-            raise CaseError(f"DICOM-SEG {seg_file}: cannot map onto its series ({type(exc).__name__}: {exc})") from exc
+            problem = f"{type(exc).__name__}: {exc}"
+            raise CaseError(f"a DICOM-SEG of the series cannot be mapped onto it ({problem})") from exc
     layers, names = pack_layers(masks, image.shape)
     return image, layers, names, image_nii.affine, zooms
 

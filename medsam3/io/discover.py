@@ -181,16 +181,16 @@ def _dicom(folder: Path, name: str, cfg: Any, vocab: Vocabulary):
     for uid, group in sorted(groups.items(), key=lambda kv: kv[1].files[0]):
         case_id = hashed_case_id(uid, str(cfg.salt))
         if not group.segs:
-            reason = f"{group.files[0]}: no DICOM-SEG references this series ({len(group.files)} files)"
-            rejected.append({"dataset": name, "case": case_id, "reason": reason})
+            reason = f"no DICOM-SEG references this series ({len(group.files)} files)"
+            rejected.append({"dataset": name, "case": case_id, "reason": reason, "where": group.files[0]})
             continue
         modality = normalize_modality(cfg.modality or group.modality)
         unknown |= {n for n in group.segment_labels if vocab.lookup(n, modality) is None}
         refs.append(CaseRef(name, "dicom", case_id, str(folder), tuple(sorted(group.files)), modality,
                             {"segs": sorted(group.segs)}))
-    for seg in orphans:
-        reason = f"{seg}: DICOM-SEG references a series that is not in the input"
-        rejected.append({"dataset": name, "case": seg, "reason": reason})
+    for seg, uid in orphans:
+        reason = "DICOM-SEG references a series that is not in the input"
+        rejected.append({"dataset": name, "case": hashed_case_id(uid, str(cfg.salt)), "reason": reason, "where": seg})
     if unknown:
         raise UnknownLabelError(unknown, f"{folder.name} (DICOM-SEG segment labels)")
     return refs, rejected

@@ -17,6 +17,24 @@ from medsam3.io.npz import load_npz, npz_affine, to_canonical
 def read_case(ref: CaseRef, cfg: Any) -> Case:
     """Read, decode and validate a case; any problem raises :class:`CaseError` naming the file."""
     root = Path(ref.root)
+    try:
+        case = _read(ref, root, cfg)
+    except CaseError as exc:
+        raise CaseError(_scrub(str(exc), ref)) from exc.__cause__
+    return case
+
+
+def _scrub(message: str, ref: CaseRef) -> str:
+    """No absolute path in a message (it is written to rejected.json); for DICOM no file path
+    at all, since DICOM folders are often named after the patient."""
+    message = message.replace(f"{ref.root}/", f"{ref.dataset}/").replace(ref.root, ref.dataset)
+    if ref.layout == "dicom":
+        for name in sorted(ref.files + tuple(ref.info.get("segs", ())), key=len, reverse=True):
+            message = message.replace(f"{ref.dataset}/{name}", "<file>").replace(name, "<file>")
+    return message
+
+
+def _read(ref: CaseRef, root: Path, cfg: Any) -> Case:
     missing = [f for f in ref.files + tuple(ref.info.get("segs", ())) if not (root / f).is_file()]
     if missing:
         raise CaseError(f"{ref.dataset}/{missing[0]}: file not found")
