@@ -1,0 +1,126 @@
+"""SAM3 from Hugging Face transformers: presets, local checkpoints and the CLIP tokenizer.
+
+Nothing here re-implements the network: a preset is a set of ``Sam3Config`` arguments in
+``configs/model/<name>.yaml``; a checkpoint is a local directory for ``from_pretrained``. Nothing
+is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Sam3Config, Sam3Model
+
+from medsam3.config import CONFIG_DIR
+
+# CLIP's vocabulary: 256 byte symbols, the same with </w>, the first merges, then two specials.
+CLIP_VOCAB_SIZE = 49408
+CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2
+TEXT_LENGTH = 32  # SAM3's text encoder has 32 positions
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing or is not a SAM3 checkpoint."""
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A model preset (``configs/model/<name>.yaml``): ``{"image_size": int, "config": {...}}``."""
+    path = CONFIG_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(known)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def build_model(preset_name: str | None = None, path: str | os.PathLike | None = None) -> Sam3Model:
+    """A SAM3 model from a local checkpoint directory, or with random weights from a preset."""
+    if path is not None:
+        check_checkpoint(path)
+        return Sam3Model.from_pretrained(os.fspath(path), local_files_only=True)
+    spec = preset(preset_name or "tiny")
+    return Sam3Model(Sam3Config(**spec["config"]))
+
+
+def model_image_size(model: Sam3Model) -> int:
+    """The square input side the model's vision backbone expects."""
+    return int(model.config.vision_config.backbone_config.image_size)
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a directory that is not a SAM3 checkpoint, with the reason."""
+    folder = Path(path)
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    if not config.is_file():
+        raise CheckpointError(f"{folder}: no config.json; not a Hugging Face model directory")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "sam3":
+        raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}, not 'sam3'")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder}: no weights (*.safetensors)")
+
+
+def write_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Derive CLIP's ``vocab.json`` and ``merges.txt`` from the original BPE merges file
+    (``bpe_simple_vocab_16e6.txt.gz``), the way CLIP builds its vocabulary."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    opener = gzip.open if str(bpe_path).endswith(".gz") else open
+    with opener(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
+    if len(merges) != CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{bpe_path}: not a CLIP BPE merges file ({len(merges)} merges read)")
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out
+
+
+def build_word_tokenizer(prompts: list[str]) -> PreTrainedTokenizerFast:
+    """A small word-level tokenizer over the words of the prompt vocabulary, for the ``tiny``
+    preset when no BPE file is given. Same special tokens and length as SAM3's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for p in prompts for w in p.lower().split()})
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[(s, vocab[s]) for s in specials[:2]]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=specials[0], eos_token=specials[1],
+                                   pad_token=specials[1], unk_token=specials[2], model_max_length=TEXT_LENGTH)
+
+
+def build_tokenizer(path: str | os.PathLike | None = None, bpe_path: str | os.PathLike | None = None,
+                    prompts: list[str] | None = None, work_dir: str | os.PathLike | None = None):
+    """SAM3's tokenizer: from a checkpoint directory, else CLIP BPE from a merges file, else a
+    word-level tokenizer over ``prompts`` (tiny models only)."""
+    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
+        return CLIPTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    if bpe_path is not None:
+        if work_dir is None:
+            raise ValueError("work_dir is needed to derive the CLIP tokenizer files")
+        folder = write_clip_tokenizer_files(bpe_path, Path(work_dir) / "clip-tokenizer")
+        return CLIPTokenizer.from_pretrained(os.fspath(folder), model_max_length=TEXT_LENGTH)
+    if prompts:
+        return build_word_tokenizer(prompts)
+    raise ValueError("no tokenizer: give a checkpoint with tokenizer files, model.bpe_path, or prompts")
+
+
+def tokenize(tokenizer, prompts: list[str]) -> dict[str, Any]:
+    """Token ids and attention mask for SAM3's 32-position text encoder (torch tensors)."""
+    return tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
