@@ -154,6 +154,11 @@ def _widen(arrow_type: pa.DataType) -> pa.DataType:
     return {pa.large_binary(): pa.binary(), pa.large_string(): pa.string()}.get(arrow_type, arrow_type)
 
 
+def shard_files(folder: str | os.PathLike) -> list[str]:
+    """The Parquet files of a shard folder, in order (the folder also holds JSON files)."""
+    return [str(f) for f in sorted(Path(folder).glob("*.parquet"))]
+
+
 def validate_shards(folder: str | os.PathLike) -> dict:
     """Check a shard folder (manifest, schema, non-empty) and return its manifest."""
     folder = Path(folder)
@@ -165,10 +170,10 @@ def validate_shards(folder: str | os.PathLike) -> dict:
         raise ShardSchemaError(
             f"{folder}: shard schema version {manifest.get('schema_version')} (this code reads {SCHEMA_VERSION})"
         )
-    files = sorted(folder.glob("*.parquet"))
+    files = shard_files(folder)
     if not files:
         raise ShardSchemaError(f"{folder}: no Parquet shards")
-    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    dataset = pads.dataset(files, format="parquet")
     problems = schema_problems(dataset.schema)
     if problems:
         raise ShardSchemaError(f"{folder}: not prepare's shard schema: {'; '.join(problems)}")

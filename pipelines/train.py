@@ -1,0 +1,326 @@
+"""``medsam3 train``: full fine-tuning of SAM3 with Ray Train driving DeepSpeed ZeRO-3.
+
+The recipe, top to bottom (the canonical Ray + DeepSpeed loop):
+1. driver: check the shards and the cluster, split cases into train/validation, build the
+   Ray Data pipelines (augmentation runs in Ray Data), start a ``TorchTrainer``;
+2. each worker: build SAM3 and its tokenizer, AdamW with per-module learning rates, and a
+   DeepSpeed ZeRO-3 engine; restore the latest checkpoint if the run already has one;
+3. stream the worker's shard, match and compute the losses, step; every N steps each rank saves
+   its ZeRO-3 shard and all report one ``ray.train.Checkpoint``;
+4. rank 0 logs every loss term, the learning rate and samples/s to ``metrics.jsonl`` and the
+   console, validation Dice every K steps, and plots the curves at the end.
+A run started again with the same RUN_DIR resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from medsam3.schema import shard_files, validate_shards
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainError(RuntimeError):
+    """The run cannot start (bad shards, not enough resources) or was stopped (NaN loss)."""
+
+
+def deepspeed_config(cfg: DictConfig, use_gpu: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": int(cfg.train.batch_size),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(cfg.optim.gradient_clipping),
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bool(use_gpu)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --- worker ----------------------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs."""
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    from medsam3.losses import set_loss
+    from medsam3.model import build_model
+    from medsam3.ops import enable_box_prompts
+    from medsam3.optim import inverse_sqrt_schedule, param_groups
+    from pipelines.train_data import collate
+
+    cfg = OmegaConf.create(config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    seed = int(cfg.train.seed)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same initial weights on every rank
+    enable_box_prompts()
+    model = build_model(cfg.model.preset, cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])  # saved once by the driver
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, bool(cfg.train.use_gpu)),
+    )
+    rng = np.random.default_rng(seed * 1000 + rank)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag="checkpoint")
+            step = int(json.loads((Path(folder) / TRAINER_STATE).read_text())["step"])
+            rng_file = Path(folder) / f"rng_rank{rank}.json"
+            if rng_file.is_file():  # absent when the world size changed: keep the fresh stream
+                rng.bit_generator.state = json.loads(rng_file.read_text())
+
+    weights = {k: float(v) for k, v in cfg.loss.items()}
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.train.val_every else None
+    device = engine.device
+    batch_size = int(cfg.train.batch_size)
+    while step < int(cfg.train.max_steps):
+        for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+            started = time.perf_counter()
+            inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
+                                      float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            terms = set_loss(engine(**inputs), targets, weights)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                where = ", ".join(f"{c}#{s}" for c, s in zip(batch["case_id"], batch["slice_index"], strict=True))
+                raise TrainError(f"non-finite loss at step {step + 1} on samples {where}; "
+                                 "the last good checkpoint is kept")
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            metrics = {"step": step, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
+                       "samples_per_s": batch_size * world / (time.perf_counter() - started),
+                       **{k: float(v) for k, v in terms.items()}}
+            if val_shard is not None and step % int(cfg.train.val_every) == 0:
+                metrics["val_dice"] = validation_dice(engine, val_shard, tokenizer, cfg)
+            if step % int(cfg.train.checkpoint_every) == 0 or step >= int(cfg.train.max_steps):
+                with tempfile.TemporaryDirectory() as folder:
+                    engine.save_checkpoint(folder, tag="checkpoint")
+                    # every rank's files land in one checkpoint folder (Ray merges them)
+                    (Path(folder) / f"rng_rank{rank}.json").write_text(json.dumps(rng.bit_generator.state))
+                    if rank == 0:
+                        (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+            if rank == 0:
+                log_metrics(Path(config["run_dir"]), metrics)
+            if step >= int(cfg.train.max_steps):
+                break
+
+
+def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
+    """Mean Dice of the merged predicted mask (queries with score × presence > 0.5) on a few batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.train_data import collate
+
+    scores = []
+    engine.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(shard.iter_batches(batch_size=int(cfg.train.batch_size), batch_format="numpy")):
+            if i >= int(cfg.train.val_batches):
+                break
+            inputs, _ = collate(batch, tokenizer, np.random.default_rng(0))
+            out = engine(**{k: v.to(engine.device) for k, v in inputs.items()})
+            keep = out.pred_logits.sigmoid() * out.presence_logits.sigmoid() > 0.5  # (B, Q)
+            masks = F.interpolate(out.pred_masks, size=inputs["pixel_values"].shape[-2:], mode="bilinear") > 0
+            merged = (masks & keep[:, :, None, None]).any(1).cpu().numpy()
+            for pred, gt in zip(merged, batch["mask"], strict=True):
+                gt = gt > 0
+                total = pred.sum() + gt.sum()
+                scores.append(1.0 if total == 0 else 2 * (pred & gt).sum() / total)
+    engine.train()
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def log_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    print(shown, flush=True)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictConfig, address: str | None = None):
+    """Train (or resume) a run; returns Ray Train's ``Result``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train_data import eval_transform, in_validation, train_transform
+
+    manifest = validate_shards(shards)  # before any worker starts
+    run_dir = Path(run_dir).absolute()
+    if not ray.is_initialized():
+        # a local Ray gets a logical CPU for the data pipeline beside the training workers
+        local_cpus = None if address else max(os.cpu_count() or 1, _cpus_needed(cfg))
+        ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
+    _check_resources(cfg)
+    from medsam3.model import build_tokenizer, preset
+
+    size = preset(cfg.model.preset)["image_size"] if cfg.model.path is None else _checkpoint_size(cfg.model.path)
+    fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
+    rows = ray.data.read_parquet(str(shards))
+    train = rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))
+    datasets = {"train": train.map(train_transform, fn_kwargs={"size": size, "cfg": dict(cfg.train)})}
+    if cfg.train.val_every:
+        val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))
+        datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "train_config.yaml")
+    tokenizer_dir = run_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():  # a resumed run keeps the tokenizer it started with
+        prompts = sorted({c["label"] for c in manifest["counts"]} | set(_prompts(shards)))
+        build_tokenizer(cfg.model.path, cfg.model.bpe_path, prompts, run_dir).save_pretrained(tokenizer_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
+                           "tokenizer_dir": str(tokenizer_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(cfg.train.num_workers), use_gpu=bool(cfg.train.use_gpu),
+            resources_per_worker={"CPU": float(cfg.train.cpus_per_worker)},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name or run_dir.name,
+            storage_path=str(run_dir.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(cfg.train.num_to_keep)),
+            failure_config=ray.train.FailureConfig(max_failures=int(cfg.train.max_failures)),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+    )
+    result = trainer.fit()
+    plot_curves(run_dir)
+    return result
+
+
+def _prompts(shards) -> list[str]:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(shard_files(shards), format="parquet").to_table(columns=["prompt"])
+    return sorted(set(table.column(0).to_pylist()))
+
+
+def _checkpoint_size(path) -> int:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return int(config["vision_config"]["backbone_config"]["image_size"])
+
+
+def _check_resources(cfg: DictConfig) -> None:
+    import ray
+
+    available = ray.cluster_resources()
+    workers = int(cfg.train.num_workers)
+    if cfg.train.use_gpu and available.get("GPU", 0) < workers:
+        gpus = available.get("GPU", 0)
+        raise TrainError(f"train.num_workers={workers} with GPUs, but the cluster has {gpus:g} GPU(s)")
+    if available.get("CPU", 0) < _cpus_needed(cfg):
+        raise TrainError(f"train.num_workers={workers} × train.cpus_per_worker={cfg.train.cpus_per_worker} "
+                         f"plus 1 CPU for the data pipeline, but the cluster has {available.get('CPU', 0):g} CPU(s)")
+
+
+def _cpus_needed(cfg: DictConfig) -> float:
+    return int(cfg.train.num_workers) * float(cfg.train.cpus_per_worker) + 1
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """metrics.jsonl → curves.png (loss terms, lr, validation Dice)."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    terms = [k for k in records[-1] if k not in ("step", "lr", "samples_per_s", "val_dice")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in terms:
+        axes[0].plot(steps, [r.get(key, math.nan) for r in records], label=key)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("loss terms")
+    axes[1].plot(steps, [r["lr"] for r in records])
+    axes[1].set_title("learning rate (heads)")
+    val = [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
+    if val:
+        axes[2].plot(*zip(*val, strict=True), marker="o")
+    axes[2].set_title("validation Dice")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint of a run (by its step)."""
+    found = [(json.loads((c / TRAINER_STATE).read_text())["step"], c)
+             for c in Path(run_dir).glob("checkpoint_*") if (c / TRAINER_STATE).is_file()]
+    if not found:
+        raise TrainError(f"{run_dir}: no checkpoint with {TRAINER_STATE}; not a medsam3 training run")
+    return max(found)[1]
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Consolidate the latest ZeRO-3 checkpoint into a Hugging Face directory
+    (config.json, model.safetensors, tokenizer files) that ``Sam3Model.from_pretrained`` loads."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoTokenizer
+
+    from medsam3.model import build_model
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    cfg = OmegaConf.load(run_dir / "train_config.yaml")
+    model = build_model(cfg.model.preset, cfg.model.path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="checkpoint")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+        raise TrainError(f"{checkpoint}: weights do not fit the model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    staging = out.parent / f".{out.name}.tmp"
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(run_dir / "tokenizer").save_pretrained(staging)
+    (staging / "medsam3_export.json").write_text(json.dumps(
+        {"run": run_dir.name, "checkpoint": checkpoint.name,
+         "step": json.loads((checkpoint / TRAINER_STATE).read_text())["step"]}, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
