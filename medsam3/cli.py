@@ -37,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("output", metavar="OUTPUT", help="shard folder to create (replaced atomically)")
     _add_common(prepare)
 
+    train = sub.add_parser(
+        "train",
+        help="full fine-tuning of SAM3 on prepared shards (Ray Train + DeepSpeed ZeRO-3)",
+        description="Train SAM3 on SHARDS (a `medsam3 prepare` output) into RUN_DIR. Running it again "
+        "with the same RUN_DIR resumes from the latest checkpoint.",
+        epilog=_stage_help("train"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("shards", metavar="SHARDS")
+    train.add_argument("run_dir", metavar="RUN_DIR")
+    _add_common(train)
+
+    export = sub.add_parser("export", help="consolidate a run's latest ZeRO-3 checkpoint into a Hugging Face dir")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+
     phantom = sub.add_parser("phantom", help="write the synthetic CT phantom dataset (MSD layout)")
     phantom.add_argument("output", metavar="OUTPUT")
     phantom.add_argument("--cases", type=int, default=3, help="number of volumes (default 3)")
@@ -58,6 +74,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             print(format_summary(result))
+        elif args.command == "train":
+            from pipelines.train import TrainError, run_train
+
+            cfg = load_config("train", args.overrides, args.config, args.params)
+            try:
+                result = run_train(args.shards, args.run_dir, cfg, address=args.address)
+            except TrainError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            if result.error is not None:
+                print(f"error: training failed: {result.error}", file=sys.stderr)
+                return 1
+            print(f"trained to step {result.metrics.get('step')}; checkpoint {result.checkpoint.path}")
+        elif args.command == "export":
+            from pipelines.train import TrainError, export_run
+
+            try:
+                out = export_run(args.run_dir, args.out_dir)
+            except TrainError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"exported to {out}")
         elif args.command == "phantom":
             from medsam3.phantom import write_phantom_dataset
 

@@ -96,12 +96,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     batch_size = int(cfg.train.batch_size)
     while step < int(cfg.train.max_steps):
+        step_at_epoch_start = step
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
             started = time.perf_counter()
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
                                       float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            terms = set_loss(engine(**inputs), targets, weights)
+            outputs = engine(**inputs)
+            terms = set_loss(outputs, targets, weights)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 where = ", ".join(f"{c}#{s}" for c, s in zip(batch["case_id"], batch["slice_index"], strict=True))
@@ -112,7 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             metrics = {"step": step, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
                        "samples_per_s": batch_size * world / (time.perf_counter() - started),
-                       **{k: float(v) for k, v in terms.items()}}
+                       **{k: float(v) for k, v in terms.items()},
+                       "train_dice": float(np.mean(merged_dice(outputs, batch["mask"])))}
             if val_shard is not None and step % int(cfg.train.val_every) == 0:
                 metrics["val_dice"] = validation_dice(engine, val_shard, tokenizer, cfg)
             if step % int(cfg.train.checkpoint_every) == 0 or step >= int(cfg.train.max_steps):
@@ -129,12 +132,55 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log_metrics(Path(config["run_dir"]), metrics)
             if step >= int(cfg.train.max_steps):
                 break
+        if step == step_at_epoch_start:
+            raise TrainError(f"rank {rank}: no full batch of {batch_size} training rows in its shard")
+    # A fixed probe batch through the trained engine (a collective: every rank runs it); rank 0
+    # keeps the outputs so an export can be checked against the engine it came from.
+    engine.eval()
+    with torch.no_grad():
+        probe = probe_inputs(tokenizer, int(config["image_size"]))
+        out = engine(**{k: v.to(device) for k, v in probe.items()})
+    if rank == 0:
+        torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()},
+                   Path(config["run_dir"]) / "probe_outputs.pt")
+
+
+def probe_inputs(tokenizer, size: int) -> dict[str, Any]:
+    """A deterministic batch (a smooth synthetic image, two prompts) for comparing models."""
+    import torch
+
+    from medsam3.model import tokenize
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    image = torch.stack([xx, yy, (xx * yy)]).clamp(-1, 1)
+    tokens = tokenize(tokenizer, ["liver", "left kidney"])
+    return {"pixel_values": image[None].repeat(2, 1, 1, 1), "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"]}
+
+
+def merged_dice(outputs, masks: np.ndarray, threshold: float = 0.5) -> list[float]:
+    """Dice of each sample's merged prediction: queries with score × presence > threshold, or the
+    best query when presence says the target is there but no query passes."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        score = outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid()  # (B, Q)
+        best = score == score.max(dim=1, keepdim=True).values
+        keep = (score > threshold) | (best & (outputs.presence_logits.sigmoid() > 0.5))
+        pred = F.interpolate(outputs.pred_masks.float(), size=masks[0].shape, mode="bilinear") > 0
+        merged = (pred & keep[:, :, None, None]).any(1).cpu().numpy()
+    scores = []
+    for p, gt in zip(merged, masks, strict=True):
+        gt = np.asarray(gt) > 0
+        total = p.sum() + gt.sum()
+        scores.append(1.0 if total == 0 else float(2 * (p & gt).sum() / total))
+    return scores
 
 
 def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
     """Mean Dice of the merged predicted mask (queries with score × presence > 0.5) on a few batches."""
     import torch
-    import torch.nn.functional as F
 
     from pipelines.train_data import collate
 
@@ -146,13 +192,7 @@ def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
                 break
             inputs, _ = collate(batch, tokenizer, np.random.default_rng(0))
             out = engine(**{k: v.to(engine.device) for k, v in inputs.items()})
-            keep = out.pred_logits.sigmoid() * out.presence_logits.sigmoid() > 0.5  # (B, Q)
-            masks = F.interpolate(out.pred_masks, size=inputs["pixel_values"].shape[-2:], mode="bilinear") > 0
-            merged = (masks & keep[:, :, None, None]).any(1).cpu().numpy()
-            for pred, gt in zip(merged, batch["mask"], strict=True):
-                gt = gt > 0
-                total = pred.sum() + gt.sum()
-                scores.append(1.0 if total == 0 else 2 * (pred & gt).sum() / total)
+            scores += merged_dice(out, batch["mask"])
     engine.train()
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -202,7 +242,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "tokenizer_dir": str(tokenizer_dir)},
+                           "tokenizer_dir": str(tokenizer_dir), "image_size": size},
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(cfg.train.num_workers), use_gpu=bool(cfg.train.use_gpu),
             resources_per_worker={"CPU": float(cfg.train.cpus_per_worker)},

@@ -21,7 +21,9 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # 3 logical CPUs: two training workers plus one for the Ray Data pipeline that feeds them
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,133 @@
+"""Full fine-tuning end to end on CPU: 2 Ray Train workers, DeepSpeed ZeRO-3, the tiny SAM3,
+real CT slices from ../shared/data through `prepare`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsam3.config import load_config
+from pipelines.train import TrainError, export_run, probe_inputs, run_train
+from preprocessing.prepare import run_prepare
+from tests.builders import SAMMED2D
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A handful of real CT slices: both livers, a spleen and a hip bone (4 rows)."""
+    root = tmp_path_factory.mktemp("train")
+    subset = root / "ct2d"
+    (subset / "images").mkdir(parents=True)
+    (subset / "masks").mkdir()
+    for image, masks in {"amos_0004_75": ["liver_000"], "amos_0006_90": ["liver_000", "spleen_000"],
+                         "s0619_32": ["hip_left_000", "hip_left_001"]}.items():
+        shutil.copy(SAMMED2D / "images" / f"{image}.png", subset / "images")
+        for mask in masks:
+            shutil.copy(SAMMED2D / "masks" / f"{image}_{mask}.png", subset / "masks")
+    out = root / "shards"
+    run_prepare(subset, out, load_config("prepare", ["image_size=256", "modality=CT", "empty_fraction=0"]))
+    return out
+
+
+def train_cfg(*overrides):
+    return load_config("train", ["train.val_every=0", "train.val_fraction=0", *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "overfit"
+    # Overfitting a handful of fixed samples: no augmentation, no box prompts, larger steps.
+    fixed = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
+             "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.lr_heads=3e-3",
+             "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3", "optim.lr_detr_encoder=1e-3"]
+    result = run_train(shards, run_dir, train_cfg("train.max_steps=40", "train.checkpoint_every=20", *fixed))
+    assert result.error is None
+    return run_dir, result
+
+
+def test_overfits_real_samples(trained):
+    run_dir, result = trained
+    log = metrics(run_dir)
+    assert [m["step"] for m in log] == list(range(1, 41))
+    first, last = log[0]["loss"], min(m["loss"] for m in log[-5:])
+    assert last < first / 2, (first, last)
+    assert sum(m["train_dice"] for m in log[-5:]) / 5 > sum(m["train_dice"] for m in log[:5]) / 5
+    assert {"class", "presence", "box_l1", "giou", "mask_focal", "mask_dice", "lr", "samples_per_s"} <= set(log[-1])
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert result.metrics["step"] == 40
+
+
+def test_export_loads_and_matches_the_trained_engine(trained, tmp_path):
+    from transformers import AutoTokenizer, Sam3Model
+
+    run_dir, _ = trained
+    out = export_run(run_dir, tmp_path / "model")
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    model = Sam3Model.from_pretrained(out, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        got = model(**probe_inputs(tokenizer, 224))
+    want = torch.load(run_dir / "probe_outputs.pt")
+    assert torch.allclose(got.pred_logits, want["pred_logits"], atol=1e-4)
+    assert torch.allclose(got.pred_boxes, want["pred_boxes"], atol=1e-5)
+    assert json.loads((out / "medsam3_export.json").read_text())["step"] == 40
+
+
+def test_resume_by_name_continues_the_step_count(shards, tmp_path):
+    run_dir = tmp_path / "resumable"
+    run_train(shards, run_dir, train_cfg("train.max_steps=4", "train.checkpoint_every=2"))
+    result = run_train(shards, run_dir, train_cfg("train.max_steps=7", "train.checkpoint_every=2"))
+    assert result.error is None and result.metrics["step"] == 7
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "killed"
+    killed = []
+
+    def kill_a_worker_after_step_3():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            log = run_dir / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        break
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_step_3)
+    watcher.start()
+    result = run_train(shards, run_dir, train_cfg("train.max_steps=8", "train.checkpoint_every=2"))
+    watcher.join()
+    assert killed, "no training worker was found to kill"
+    assert result.error is None and result.metrics["step"] == 8
+    steps = [m["step"] for m in metrics(run_dir)]
+    assert steps[-1] == 8 and max(steps.count(s) for s in steps) == 2  # some steps redone after the restart
+    assert min(s for s in steps if steps.count(s) == 2) >= 3  # lost at most the steps after checkpoint 2
+
+
+def test_refuses_bad_shards_and_too_many_workers(shards, tmp_path):
+    from medsam3.schema import ShardSchemaError
+
+    with pytest.raises(ShardSchemaError, match="no manifest.json"):
+        run_train(tmp_path, tmp_path / "r", train_cfg())
+    with pytest.raises(TrainError, match="num_workers=64"):
+        run_train(shards, tmp_path / "r", train_cfg("train.num_workers=64"))
