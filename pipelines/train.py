@@ -97,8 +97,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batch_size = int(cfg.train.batch_size)
     while step < int(cfg.train.max_steps):
         step_at_epoch_start = step
+        waited_from = time.perf_counter()
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
             started = time.perf_counter()
+            data_wait = started - waited_from
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
                                       float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -112,8 +114,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
+            step_time = time.perf_counter() - started
             metrics = {"step": step, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
-                       "samples_per_s": batch_size * world / (time.perf_counter() - started),
+                       "samples_per_s": batch_size * world / (step_time + data_wait),
+                       "step_s": step_time, "data_wait_s": data_wait,
                        **{k: float(v) for k, v in terms.items()},
                        "train_dice": float(np.mean(merged_dice(outputs, batch["mask"])))}
             if val_shard is not None and step % int(cfg.train.val_every) == 0:
@@ -130,6 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             if rank == 0:
                 log_metrics(Path(config["run_dir"]), metrics)
+            waited_from = time.perf_counter()
             if step >= int(cfg.train.max_steps):
                 break
         if step == step_at_epoch_start:
@@ -302,7 +307,8 @@ def plot_curves(run_dir: Path) -> Path | None:
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in records]
-    terms = [k for k in records[-1] if k not in ("step", "lr", "samples_per_s", "val_dice")]
+    terms = [k for k in records[-1] if k not in ("step", "lr", "samples_per_s", "val_dice", "train_dice", "step_s",
+                                                 "data_wait_s")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key in terms:
         axes[0].plot(steps, [r.get(key, math.nan) for r in records], label=key)

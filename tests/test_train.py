@@ -63,9 +63,10 @@ def test_overfits_real_samples(trained):
     run_dir, result = trained
     log = metrics(run_dir)
     assert [m["step"] for m in log] == list(range(1, 41))
-    first, last = log[0]["loss"], min(m["loss"] for m in log[-5:])
+    first, last = log[0]["loss"], sum(m["loss"] for m in log[-5:]) / 5
     assert last < first / 2, (first, last)
-    assert sum(m["train_dice"] for m in log[-5:]) / 5 > sum(m["train_dice"] for m in log[:5]) / 5
+    early, late = (sum(m["train_dice"] for m in part) / 5 for part in (log[:5], log[-5:]))
+    assert late > max(0.5, early + 0.2), (early, late)
     assert {"class", "presence", "box_l1", "giou", "mask_focal", "mask_dice", "lr", "samples_per_s"} <= set(log[-1])
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert result.metrics["step"] == 40

@@ -1,0 +1,102 @@
+"""Benchmark of ``medsam3 train`` (run: ``python benchmarks/train.py``).
+
+Prints, on the tiny SAM3 and the synthetic phantom (prepared at 256²), measured in one run:
+(a) steady-state samples/s through Ray Train + DeepSpeed ZeRO-3 with 2 workers;
+(b) samples/s of the same model, loss, optimizer and batches in one plain PyTorch process;
+the per-sample time ratio (a)/(b) (target ≤ 1.5×), and the fraction of (a)'s step time spent
+waiting for data (target < 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
+    """The same per-worker batches, model, loss and optimizer in this process (no Ray, no DeepSpeed)."""
+    import pyarrow.dataset as pads
+    import torch
+    from transformers import AutoTokenizer
+
+    from medsam3.losses import set_loss
+    from medsam3.model import build_model
+    from medsam3.ops import enable_box_prompts
+    from medsam3.optim import inverse_sqrt_schedule, param_groups
+    from medsam3.schema import shard_files
+    from pipelines.train_data import collate, train_transform
+
+    enable_box_prompts()
+    torch.manual_seed(0)
+    model = build_model(cfg.model.preset)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
+    weights = {k: float(v) for k, v in cfg.loss.items()}
+    rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
+    rng = np.random.default_rng(0)
+    size, batch = 224, int(cfg.train.batch_size)
+    times = []
+    for step in range(steps):
+        picked = [train_transform(rows[i], size, dict(cfg.train)) for i in rng.integers(len(rows), size=batch)]
+        numpy_batch = {k: np.array([r[k] for r in picked], dtype=object) if k == "prompt" else
+                       np.stack([r[k] for r in picked]) for k in ("pixel_values", "mask", "prompt")}
+        started = time.perf_counter()
+        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob))
+        loss = set_loss(model(**inputs), targets, weights)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.gradient_clipping))
+        optimizer.step()
+        scheduler.step()
+        if step >= 4:
+            times.append(time.perf_counter() - started)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+
+    import ray
+
+    from medsam3.config import load_config
+    from medsam3.phantom import write_phantom_dataset
+    from pipelines.train import run_train
+    from preprocessing.prepare import run_prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
+        run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=256"]))
+        cfg = load_config("train", [f"train.max_steps={args.steps}", "train.checkpoint_every=100000",
+                                    "train.val_every=0", "train.val_fraction=0"])
+        run_train(tmp / "shards", tmp / "run", cfg)
+        ray.shutdown()
+        log = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][4:]
+        workers, batch = int(cfg.train.num_workers), int(cfg.train.batch_size)
+        ray_rate = statistics.median(m["samples_per_s"] for m in log)
+        wait = sum(m["data_wait_s"] for m in log) / sum(m["data_wait_s"] + m["step_s"] for m in log)
+        plain_rate = plain_samples_per_s(tmp / "shards", tmp / "run", cfg, args.steps)
+        print(f"\ntrain throughput, tiny SAM3 at 224², batch {batch} per worker, steady state (steps 5-{args.steps}):")
+        print(f"  (a) Ray Train + DeepSpeed ZeRO-3, {workers} workers: {ray_rate:6.2f} samples/s")
+        print(f"  (b) one plain PyTorch process:                {plain_rate:6.2f} samples/s")
+        print(f"  per-sample time (a)/(b): {plain_rate / ray_rate:.2f}x   (target <= 1.5x)")
+        print(f"  data wait in (a): {100 * wait:.1f} % of step time   (target < 10 %)")
+
+
+if __name__ == "__main__":
+    main()
