@@ -124,3 +124,20 @@ def build_tokenizer(path: str | os.PathLike | None = None, bpe_path: str | os.Pa
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, Any]:
     """Token ids and attention mask for SAM3's 32-position text encoder (torch tensors)."""
     return tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
+
+
+def enable_activation_checkpointing(model: Sam3Model) -> None:
+    """Recompute the vision backbone's transformer layers during backward instead of keeping
+    their activations (SAM3 in transformers has no built-in switch for it)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.vision_encoder.backbone.layers:
+        forward = layer.forward
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = recomputed

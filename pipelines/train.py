@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from medsam3.losses import set_loss
-    from medsam3.model import build_model
+    from medsam3.model import build_model, enable_activation_checkpointing
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from pipelines.train_data import collate
@@ -72,6 +72,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(seed)  # same initial weights on every rank
     enable_box_prompts()
     model = build_model(cfg.model.preset, cfg.model.path)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])  # saved once by the driver
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)

@@ -57,6 +57,24 @@ def test_tiny_preset_runs_forward_and_backward():
     assert all(p.grad is None for p in model.geometry_encoder.parameters())
 
 
+def test_activation_checkpointing_keeps_gradients():
+    from medsam3.model import enable_activation_checkpointing
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny")
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        torch.manual_seed(1)
+        out = model(pixel_values=torch.randn(1, 3, 224, 224), input_ids=torch.randint(0, 1000, (1, 32)),
+                    attention_mask=torch.ones(1, 32, dtype=torch.long))
+        (out.pred_masks.mean() + out.pred_logits.mean()).backward()
+        first = next(model.vision_encoder.backbone.layers[0].parameters())
+        grads.append(first.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = build_model("tiny")
     model.save_pretrained(tmp_path / "ckpt")
