@@ -107,12 +107,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
             inputs = {k: v.to(device) for k, v in inputs.items()}
             outputs = engine(**inputs)
-            terms = set_loss(outputs, targets, weights)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
+            # non-finite outputs would already break the matching, so check them before the loss
+            finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))
+            terms = set_loss(outputs, targets, weights) if finite else None
+            if terms is None or not torch.isfinite(terms["loss"]):
                 where = ", ".join(f"{c}#{s}" for c, s in zip(batch["case_id"], batch["slice_index"], strict=True))
                 raise TrainError(f"non-finite loss at step {step + 1} on samples {where}; "
                                  "the last good checkpoint is kept")
+            loss = terms["loss"]
             engine.backward(loss)
             engine.step()
             step += 1
@@ -263,8 +265,12 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
     )
-    result = trainer.fit()
-    plot_curves(run_dir)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:  # retries (FailureConfig) exhausted
+        raise TrainError(f"training failed: {exc}") from exc
+    finally:
+        plot_curves(run_dir)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -132,3 +133,18 @@ def test_refuses_bad_shards_and_too_many_workers(shards, tmp_path):
         run_train(tmp_path, tmp_path / "r", train_cfg())
     with pytest.raises(TrainError, match="num_workers=64"):
         run_train(shards, tmp_path / "r", train_cfg("train.num_workers=64"))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    from pipelines.train import latest_checkpoint
+
+    run_dir = tmp_path / "diverges"
+    # An absurd learning rate turns the weights to inf/NaN after the first update.
+    with pytest.raises(TrainError, match=r"non-finite loss at step \d+") as failure:
+        run_train(shards, run_dir, train_cfg("train.max_steps=6", "train.checkpoint_every=1", "train.max_failures=0",
+                                             "optim.warmup_steps=1", "optim.lr_heads=1e30", "optim.lr_backbone=1e30"))
+    message = str(failure.value)
+    assert "amos_0" in message or "s0619_32" in message  # the samples of the failing step are named
+    good = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
+    failed_at = int(re.findall(r"non-finite loss at step (\d+)", message)[0])
+    assert good == failed_at - 1
