@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from medsam3.config import ConfigError, config_path, load_config
+from medsam3.errors import StageError
 
 
 def _stage_help(stage: str) -> str:
@@ -65,41 +66,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            from preprocessing.prepare import PrepareError, format_summary, run_prepare
+            from preprocessing.prepare import format_summary, run_prepare
 
             cfg = load_config("prepare", args.overrides, args.config, args.params)
-            try:
-                result = run_prepare(args.input, args.output, cfg, address=args.address)
-            except PrepareError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            print(format_summary(result))
+            print(format_summary(run_prepare(args.input, args.output, cfg, address=args.address)))
         elif args.command == "train":
-            from pipelines.train import TrainError, run_train
+            from pipelines.train import run_train
 
             cfg = load_config("train", args.overrides, args.config, args.params)
-            try:
-                result = run_train(args.shards, args.run_dir, cfg, address=args.address)
-            except TrainError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
+            result = run_train(args.shards, args.run_dir, cfg, address=args.address)
             print(f"trained to step {result.metrics.get('step')}; checkpoint {result.checkpoint.path}")
         elif args.command == "export":
-            from pipelines.train import TrainError, export_run
+            from pipelines.train import export_run
 
-            try:
-                out = export_run(args.run_dir, args.out_dir)
-            except TrainError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            print(f"exported to {out}")
+            print(f"exported to {export_run(args.run_dir, args.out_dir)}")
         elif args.command == "phantom":
             from medsam3.phantom import write_phantom_dataset
 
             shape = tuple(int(s) for s in args.shape.split(","))
             out = write_phantom_dataset(args.output, args.cases, shape, seed=args.seed)
             print(f"phantom dataset with {args.cases} case(s) written to {out}")
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from medsam3.errors import StageError
 from medsam3.schema import shard_files, validate_shards
 
 TRAINER_STATE = "trainer_state.json"
 
 
-class TrainError(RuntimeError):
+class TrainError(StageError):
     """The run cannot start (bad shards, not enough resources) or was stopped (NaN loss)."""
 
 

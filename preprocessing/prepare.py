@@ -26,6 +26,7 @@ import pyarrow.dataset as pads
 from omegaconf import DictConfig, OmegaConf
 
 import medsam3
+from medsam3.errors import StageError
 from medsam3.io import CaseError, CaseRef, discover, read_case
 from medsam3.samples import case_rows
 from medsam3.schema import SCHEMA_VERSION, parquet_options, rows_to_table
@@ -36,7 +37,7 @@ ROWS_PER_BLOCK = 16  # ~64 MB of 1008² rows per Arrow block: bounded memory, ch
 REJECTED = "rejected.json"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(StageError):
     """The run as a whole failed (every case rejected, or a rejection under strict=true)."""
 
 
