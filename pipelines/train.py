@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
 from medsam3.schema import shard_files, validate_shards
+from pipelines.train_data import in_validation
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -84,6 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     rng = np.random.default_rng(seed * 1000 + rank)
     step = 0
+    steps_per_epoch = int(config["steps_per_epoch"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -99,9 +101,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     batch_size = int(cfg.train.batch_size)
     while step < int(cfg.train.max_steps):
-        step_at_epoch_start = step
+        # The data position is (epoch, batch in epoch) = divmod(step, steps_per_epoch): each epoch
+        # streams the same equal split in a seeded shuffle, so a resumed or restarted run skips the
+        # batches this epoch already trained on and goes on with exactly the batches that follow.
+        epoch, done = divmod(step, steps_per_epoch)
+        batches = train_shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=int(cfg.train.shuffle_buffer) or None, 
+            local_shuffle_seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
         waited_from = time.perf_counter()
-        for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        for index, batch in enumerate(batches):
+            if index >= steps_per_epoch:
+                break
+            if index < done:
+                continue
             started = time.perf_counter()
             data_wait = started - waited_from
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
@@ -120,11 +133,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             step += 1
             step_time = time.perf_counter() - started
-            metrics = {"step": step, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
+            metrics = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
                        "samples_per_s": batch_size * world / (step_time + data_wait),
                        "step_s": step_time, "data_wait_s": data_wait,
                        **{k: float(v) for k, v in terms.items()},
-                       "train_dice": float(np.mean(merged_dice(outputs, batch["mask"])))}
+                       "train_dice": float(np.mean(merged_dice(outputs, batch["mask"]))),
+                       "samples": _gather_sample_ids(batch, world)}
             if val_shard is not None and step % int(cfg.train.val_every) == 0:
                 metrics["val_dice"] = validation_dice(engine, val_shard, tokenizer, cfg)
             if step % int(cfg.train.checkpoint_every) == 0 or step >= int(cfg.train.max_steps):
@@ -133,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # every rank's files land in one checkpoint folder (Ray merges them)
                     (Path(folder) / f"rng_rank{rank}.json").write_text(json.dumps(rng.bit_generator.state))
                     if rank == 0:
-                        (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+                        (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": epoch}))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
@@ -142,8 +156,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             waited_from = time.perf_counter()
             if step >= int(cfg.train.max_steps):
                 break
-        if step == step_at_epoch_start:
-            raise TrainError(f"rank {rank}: no full batch of {batch_size} training rows in its shard")
+        if step < int(cfg.train.max_steps) and step != (epoch + 1) * steps_per_epoch:
+            raise TrainError(f"rank {rank}: epoch {epoch} ended after {step - epoch * steps_per_epoch} of "
+                             f"{steps_per_epoch} batches")
     # A fixed probe batch through the trained engine (a collective: every rank runs it); rank 0
     # keeps the outputs so an export can be checked against the engine it came from.
     engine.eval()
@@ -153,6 +168,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()},
                    Path(config["run_dir"]) / "probe_outputs.pt")
+
+
+def _gather_sample_ids(batch, world: int) -> list[str]:
+    """Every rank's ``case_id#slice_index`` of this step, in rank order (for the log)."""
+    import torch.distributed as dist
+
+    mine = [f"{c}#{s}" for c, s in zip(batch["case_id"], batch["slice_index"], strict=True)]
+    if world == 1 or not dist.is_initialized():
+        return mine
+    every: list[list[str] | None] = [None] * world
+    dist.all_gather_object(every, mine)
+    return [sample for rank in every for sample in rank]
 
 
 def probe_inputs(tokenizer, size: int) -> dict[str, Any]:
@@ -211,7 +238,8 @@ def log_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in metrics.items() if k != "samples")
     print(shown, flush=True)
 
 
@@ -223,7 +251,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train_data import eval_transform, in_validation, train_transform
+    from pipelines.train_data import eval_transform, train_transform
 
     manifest = validate_shards(shards)  # before any worker starts
     run_dir = Path(run_dir).absolute()
@@ -237,7 +265,11 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
 
     size = preset(cfg.model.preset)["image_size"] if cfg.model.path is None else _checkpoint_size(cfg.model.path)
     fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
-    rows = ray.data.read_parquet(str(shards))
+    steps_per_epoch = _steps_per_epoch(shards, cfg)
+    # Files in a seeded order mix datasets and cases along the stream; each epoch then shuffles
+    # it further in the workers' seeded buffers. The order is the same in every run with this seed.
+    files = shard_files(shards)
+    rows = ray.data.read_parquet([files[i] for i in np.random.default_rng(seed).permutation(len(files))])
     train = rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))
     datasets = {"train": train.map(train_transform, fn_kwargs={"size": size, "cfg": dict(cfg.train)})}
     if cfg.train.val_every:
@@ -252,7 +284,8 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "tokenizer_dir": str(tokenizer_dir), "image_size": size},
+                           "tokenizer_dir": str(tokenizer_dir), "image_size": size,
+                           "steps_per_epoch": steps_per_epoch},
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(cfg.train.num_workers), use_gpu=bool(cfg.train.use_gpu),
             resources_per_worker={"CPU": float(cfg.train.cpus_per_worker)},
@@ -273,6 +306,21 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     finally:
         plot_curves(run_dir)
     return result
+
+
+def _steps_per_epoch(shards, cfg: DictConfig) -> int:
+    """Ray Train splits each epoch equally: every worker gets ⌊rows / workers⌋ rows."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(shard_files(shards), format="parquet").to_table(columns=["dataset", "case_id"])
+    fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
+    rows = sum(not in_validation(d, c, fraction, seed)
+               for d, c in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    workers, batch = int(cfg.train.num_workers), int(cfg.train.batch_size)
+    steps = rows // workers // batch
+    if steps == 0:
+        raise TrainError(f"{rows} training row(s) cannot give each of {workers} worker(s) a batch of {batch}")
+    return steps
 
 
 def _prompts(shards) -> list[str]:
@@ -316,8 +364,8 @@ def plot_curves(run_dir: Path) -> Path | None:
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in records]
-    terms = [k for k in records[-1] if k not in ("step", "lr", "samples_per_s", "val_dice", "train_dice", "step_s",
-                                                 "data_wait_s")]
+    terms = [k for k in records[-1] if k not in ("step", "epoch", "lr", "samples_per_s", "val_dice", "train_dice",
+                                                 "step_s", "data_wait_s", "samples")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key in terms:
         axes[0].plot(steps, [r.get(key, math.nan) for r in records], label=key)

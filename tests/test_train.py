@@ -89,12 +89,25 @@ def test_export_loads_and_matches_the_trained_engine(trained, tmp_path):
     assert json.loads((out / "medsam3_export.json").read_text())["step"] == 40
 
 
-def test_resume_by_name_continues_the_step_count(shards, tmp_path):
-    run_dir = tmp_path / "resumable"
-    run_train(shards, run_dir, train_cfg("train.max_steps=4", "train.checkpoint_every=2"))
-    result = run_train(shards, run_dir, train_cfg("train.max_steps=7", "train.checkpoint_every=2"))
-    assert result.error is None and result.metrics["step"] == 7
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7]
+def test_resume_by_name_continues_at_the_same_step_and_data_position(shards, tmp_path):
+    # batch 1 × 2 workers on 4 rows: 2 steps per epoch, so step 3 stops in the middle of epoch 1
+    # (seed 1: with two rows per worker, a seed whose three epoch shuffles are not all the same)
+    cfg = ("train.batch_size=1", "train.checkpoint_every=3", "train.seed=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(shards, straight, train_cfg("train.max_steps=6", *cfg))
+    run_train(shards, resumed, train_cfg("train.max_steps=3", *cfg))
+    result = run_train(shards, resumed, train_cfg("train.max_steps=6", *cfg))
+    assert result.error is None and result.metrics["step"] == 6
+    log, want = metrics(resumed), metrics(straight)
+    assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in log] == [0, 0, 1, 1, 2, 2]
+    # the resumed run trains on exactly the samples an uninterrupted run does, step by step
+    assert [m["samples"] for m in log] == [m["samples"] for m in want]
+    epochs = [sorted(log[i]["samples"] + log[i + 1]["samples"]) for i in (0, 2, 4)]
+    # each epoch: every row once (the liver and the spleen of amos_0006 share a slice id)
+    assert all(e == epochs[0] and len(e) == 4 and len(set(e)) == 3 for e in epochs)
+    orders = [log[i]["samples"] + log[i + 1]["samples"] for i in (0, 2, 4)]
+    assert len({tuple(o) for o in orders}) > 1  # and the order changes from epoch to epoch
 
 
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
