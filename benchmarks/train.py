@@ -30,7 +30,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     from transformers import AutoTokenizer
 
     from medsam3.losses import set_loss
-    from medsam3.model import build_model
+    from medsam3.model import build_model, enable_activation_checkpointing
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from medsam3.schema import shard_files
@@ -39,6 +39,8 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     enable_box_prompts()
     torch.manual_seed(0)
     model = build_model(cfg.model.preset)
+    if cfg.train.activation_checkpointing:  # the same recomputation as the ZeRO-3 run
+        enable_activation_checkpointing(model)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)

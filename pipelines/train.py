@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch, done = divmod(step, steps_per_epoch)
         batches = train_shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=int(cfg.train.shuffle_buffer) or None, 
+            local_shuffle_buffer_size=int(cfg.train.shuffle_buffer) or None,
             local_shuffle_seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
         waited_from = time.perf_counter()
         for index, batch in enumerate(batches):
