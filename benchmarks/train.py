@@ -69,6 +69,8 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("overrides", nargs="*", help="train config overrides for both runs, e.g. "
+                        "train.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
 
     import ray
@@ -85,7 +87,7 @@ def main() -> None:
         write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
         run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=256"]))
         cfg = load_config("train", [f"train.max_steps={args.steps}", "train.checkpoint_every=100000",
-                                    "train.val_every=0", "train.val_fraction=0"])
+                                    "train.val_every=0", "train.val_fraction=0", *args.overrides])
         run_train(tmp / "shards", tmp / "run", cfg)
         ray.shutdown()
         log = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][4:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medsam3.config import ConfigError, config_path, load_config
 from medsam3.errors import StageError
@@ -54,6 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
 
+    predict = sub.add_parser(
+        "predict",
+        help="masks for text prompts (and boxes) on one scan: NIfTI/DICOM-SEG/PNG, overlays, summary",
+        description="Segment INPUT (PNG/JPEG, NIfTI, NPZ or a DICOM series folder) with each --prompt and "
+        "write the masks in the input's own terms (NIfTI label map with its affine, DICOM-SEG, PNG), "
+        "overlay.png and summary.json to --out.",
+        epilog=_stage_help("predict"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("input", metavar="INPUT")
+    predict.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several)")
+    predict.add_argument("--box", action="append", default=[],
+                         help="x0,y0,x1,y1 in input pixels for the prompt of the same position (repeatable)")
+    predict.add_argument("--checkpoint", required=True, help="exported or released SAM3 directory")
+    predict.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    predict.add_argument("--config", help="YAML file merged over the built-in config")
+    predict.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="Dice/IoU/NSD/HD95 of one or two checkpoints on prepared shards, text and text+box prompts",
+        description="Run each --checkpoint over SHARDS in a Ray Data actor pool and write metrics.csv, "
+        "report.md, summary.json and a gallery to --out.",
+        epilog=_stage_help("evaluate"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("shards", metavar="SHARDS")
+    evaluate.add_argument("--checkpoint", action="append", required=True, help="DIR or NAME=DIR (repeat for two)")
+    evaluate.add_argument("--out", required=True)
+    _add_common(evaluate)
+
     phantom = sub.add_parser("phantom", help="write the synthetic CT phantom dataset (MSD layout)")
     phantom.add_argument("output", metavar="OUTPUT")
     phantom.add_argument("--cases", type=int, default=3, help="number of volumes (default 3)")
@@ -63,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (argparse stops taking positionals there)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "prepare":
             from preprocessing.prepare import format_summary, run_prepare
@@ -80,6 +119,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipelines.train import export_run
 
             print(f"exported to {export_run(args.run_dir, args.out_dir)}")
+        elif args.command == "predict":
+            from medsam3.inference import inference_config
+            from pipelines.predict import run_predict
+
+            cfg = inference_config(args.overrides, args.config)
+            summary = run_predict(args.input, args.prompt, args.checkpoint, args.out, cfg, boxes=args.box)
+            for entry in summary["prompts"]:
+                size = f"{entry['volume_ml']} ml" if "volume_ml" in entry else f"{entry['pixels']} px"
+                flag = "  (not a training prompt)" if not entry["in_vocabulary"] else ""
+                print(f"{entry['prompt']}: {size}, score {entry['score']}{flag}")
+            print(f"written to {args.out}: {', '.join(summary['files'])}, summary.json")
+        elif args.command == "evaluate":
+            from medsam3.inference import inference_config
+            from pipelines.evaluate import run_evaluate
+
+            cfg = inference_config(args.overrides, args.config, args.params, stage="evaluate")
+            run_evaluate(args.shards, args.checkpoint, args.out, cfg, address=args.address)
+            print((Path(args.out) / "report.md").read_text().split("\n## ", 2)[1].split("\n", 1)[1])
+            print(f"report: {Path(args.out) / 'report.md'}")
         elif args.command == "phantom":
             from medsam3.phantom import write_phantom_dataset
 

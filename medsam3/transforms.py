@@ -134,3 +134,20 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
         return np.zeros(4, np.float32)
     cols = np.flatnonzero(mask.any(axis=0))
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+
+
+# --- model input -----------------------------------------------------------------------------
+
+def resize_square(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """A stored square (uint8 image or mask) resized to the model's ``size``²."""
+    if array.shape[0] == size and array.shape[1] == size:
+        return array
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(array).resize((size, size), resample=resample))
+
+
+def model_pixels(square: np.ndarray, size: int) -> np.ndarray:
+    """A stored RGB uint8 square → SAM3's input: float32 (3, size, size) scaled to [-1, 1]
+    (SAM3's mean and std are 0.5). Training, evaluation, predict and serve all call this."""
+    image = resize_square(np.ascontiguousarray(square), size)
+    return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0

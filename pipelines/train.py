@@ -42,7 +42,8 @@ def deepspeed_config(cfg: DictConfig, use_gpu: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": int(cfg.train.batch_size),
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(cfg.optim.gradient_clipping),
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                              **OmegaConf.to_container(cfg.train.zero_optimization, resolve=True)},
         "bf16": {"enabled": bool(use_gpu)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -251,7 +252,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train_data import eval_transform, train_transform
+    from pipelines.train_data import eval_transform, swap_sides, train_transform
 
     manifest = validate_shards(shards)  # before any worker starts
     run_dir = Path(run_dir).absolute()
@@ -277,6 +278,13 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "train_config.yaml")
+    # the prompts the model is trained on (flips swap sides), so inference can flag unseen ones
+    trained = set(_prompts(shards))
+    if float(cfg.train.flip_prob) > 0:
+        trained |= {swap_sides(p) for p in trained}
+    prompts_file = run_dir / "prompts.json"
+    seen = set(json.loads(prompts_file.read_text())) if prompts_file.is_file() else set()
+    prompts_file.write_text(json.dumps(sorted(trained | seen), indent=1))
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.is_dir():  # a resumed run keeps the tokenizer it started with
         prompts = sorted({c["label"] for c in manifest["counts"]} | set(_prompts(shards)))
@@ -420,7 +428,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     AutoTokenizer.from_pretrained(run_dir / "tokenizer").save_pretrained(staging)
     (staging / "medsam3_export.json").write_text(json.dumps(
         {"run": run_dir.name, "checkpoint": checkpoint.name,
-         "step": json.loads((checkpoint / TRAINER_STATE).read_text())["step"]}, indent=1))
+         "step": json.loads((checkpoint / TRAINER_STATE).read_text())["step"],
+         "prompts": json.loads((run_dir / "prompts.json").read_text())
+         if (run_dir / "prompts.json").is_file() else None}, indent=1))
     if out.exists():
         import shutil
 

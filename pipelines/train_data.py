@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medsam3.losses import Target, instances_from_mask
 from medsam3.model import tokenize
 from medsam3.schema import decode_row
+from medsam3.transforms import model_pixels, resize_square
 
 _SIDE = re.compile(r"\b(left|right)\b")
 
@@ -32,11 +32,6 @@ def in_validation(dataset: str, case_id: str, fraction: float, seed: int) -> boo
 def swap_sides(prompt: str) -> str:
     """"left kidney" ↔ "right kidney": a horizontal flip changes which side a structure is on."""
     return _SIDE.sub(lambda m: "right" if m.group(1) == "left" else "left", prompt)
-
-
-def _resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(array).resize((size, size), resample=resample))
 
 
 def train_transform(row: dict[str, Any], size: int, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,7 +48,8 @@ def train_transform(row: dict[str, Any], size: int, cfg: Mapping[str, Any]) -> d
             x0, y0 = rng.integers(0, side - w + 1), rng.integers(0, side - h + 1)
             image, mask = image[y0:y0 + h, x0:x0 + w], mask[y0:y0 + h, x0:x0 + w]
             break
-    image, mask = _resize(np.ascontiguousarray(image), size, False), _resize(np.ascontiguousarray(mask), size, True)
+    image = resize_square(np.ascontiguousarray(image), size)
+    mask = resize_square(np.ascontiguousarray(mask), size, nearest=True)
     prompt = row["prompt"]
     if rng.random() < cfg["flip_prob"]:
         image, mask, prompt = image[:, ::-1], mask[:, ::-1], swap_sides(prompt)
@@ -67,11 +63,12 @@ def train_transform(row: dict[str, Any], size: int, cfg: Mapping[str, Any]) -> d
 def eval_transform(row: dict[str, Any], size: int) -> dict[str, Any]:
     """No augmentation: the stored square resized to the model's input."""
     row = decode_row(row)
-    return _model_row(row, _resize(row["image"], size, False), _resize(row["mask"], size, True), row["prompt"])
+    image, mask = resize_square(row["image"], size), resize_square(row["mask"], size, nearest=True)
+    return _model_row(row, image, mask, row["prompt"])
 
 
 def _model_row(row, image, mask, prompt) -> dict[str, Any]:
-    pixels = (np.ascontiguousarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0  # SAM3: mean/std 0.5
+    pixels = model_pixels(image, image.shape[0])  # already at the model's size (jitter makes it float)
     return {"pixel_values": pixels, "mask": np.ascontiguousarray(mask, dtype=np.uint8), "prompt": prompt,
             "case_id": row["case_id"], "slice_index": row["slice_index"], "dataset": row["dataset"]}
 

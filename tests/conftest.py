@@ -31,3 +31,19 @@ def ray_local():
 @pytest.fixture(scope="session")
 def shared_data():
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny SAM3 saved as a Hugging Face directory (random weights, fixed seed) with SAM3's
+    CLIP BPE tokenizer derived from the real merges file: what `medsam3 export` writes."""
+    import torch
+
+    from medsam3.model import build_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(0)
+    build_model("tiny").save_pretrained(folder)
+    tokenizer = build_tokenizer(bpe_path=SHARED / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz", work_dir=folder / "work")
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -20,13 +20,15 @@ import numpy as np
 from medsam3.io.case import CaseError
 
 
-def load_npz(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
-    """Read the arrays of an NPZ file; ``text_prompts`` is decoded to ``{int: str}``."""
+def load_npz(path: str | os.PathLike, allow_pickle: bool = False, require_masks: bool = True) -> dict[str, Any]:
+    """Read the arrays of an NPZ file; ``text_prompts`` is decoded to ``{int: str}``.
+
+    ``require_masks=False`` accepts a file with ``imgs`` only (a scan to predict on)."""
     name = os.fspath(path)
     try:
         with np.load(name, allow_pickle=False) as f:
             keys = set(f.files)
-            missing = {"imgs", "gts"} - keys
+            missing = ({"imgs", "gts"} if require_masks else {"imgs"}) - keys
             if missing:
                 raise CaseError(f"{name}: NPZ lacks {sorted(missing)} (has {sorted(keys)})")
             out: dict[str, Any] = {k: f[k] for k in ("imgs", "gts", "spacing") if k in keys}

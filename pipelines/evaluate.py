@@ -1,0 +1,292 @@
+"""``medsam3 evaluate``: the paper's comparison on prepared shards, distributed with Ray Data.
+
+1. each checkpoint runs over the shards in a Ray Data actor pool (one model per actor, a GPU
+   each when asked), once per prompt mode: text only, and text + the slice's ground-truth box;
+2. rows are grouped per (dataset, case, label, mode): a 3D case's slices are stacked back into a
+   volume at their slice positions, so Dice, IoU, NSD (tolerance in mm) and HD95 are volume
+   metrics, never averages over slices; 2D images are their own group;
+3. the driver writes ``metrics.csv`` (one row per case, label, mode and checkpoint),
+   ``report.md`` (per-dataset tables of mean ± std and n; a side-by-side table for two
+   checkpoints), ``summary.json`` and a gallery of each dataset's best and worst cases.
+
+Metrics are computed on the stored squares' content (padding cropped) with the stored pixel
+spacing. A 3D case is evaluated on the slices its shards hold (all slices with the label, plus
+the sampled empty ones); slices missing from the shards count as empty in both masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from medsam3.errors import StageError
+from medsam3.metrics import all_metrics
+from medsam3.model import CheckpointError, check_checkpoint
+from medsam3.schema import decode_batch, shard_files, validate_shards
+from medsam3.transforms import resized_shape
+
+KEYS = ["checkpoint", "mode", "dataset", "modality", "label", "prompt", "case_id"]
+METRICS = ["dice", "iou", "nsd", "hd95"]
+
+
+class EvaluateError(StageError):
+    """Bad shards, a checkpoint that is not SAM3, or an unknown option."""
+
+
+def parse_checkpoints(specs: Sequence[str]) -> dict[str, Path]:
+    """``DIR`` or ``NAME=DIR`` → {name: dir}; names default to the folder names and must differ."""
+    found: dict[str, Path] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(folder)
+        name = name or path.name
+        try:
+            check_checkpoint(path)
+        except CheckpointError as exc:
+            raise EvaluateError(f"checkpoint: {exc}") from exc
+        if name in found:
+            raise EvaluateError(f"two checkpoints named {name!r}: use NAME=DIR to tell them apart")
+        found[name] = path
+    if not found:
+        raise EvaluateError("give at least one --checkpoint")
+    return found
+
+
+# --- actors ----------------------------------------------------------------------------------
+
+class Predictor:
+    """A Ray Data actor: one Segmenter; shard rows in, predicted masks (packed bits) out."""
+
+    def __init__(self, checkpoint: str, cfg: dict, threads: int):
+        import torch
+
+        from medsam3.inference import Segmenter
+
+        torch.set_num_threads(max(1, threads))
+        self.segmenter = Segmenter(checkpoint, OmegaConf.create(cfg))
+        self.modes = list(cfg["modes"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = decode_batch(batch)
+        images = np.stack(rows["image"])
+        side = images.shape[1]
+        out: dict[str, list] = {k: [] for k in ("mode", "pred", "score")}
+        keep = ("dataset", "modality", "label", "prompt", "case_id", "slice_index", "spacing", "orig_size")
+        for key in keep:
+            out[key] = []
+        out["gt"] = []
+        for mode in self.modes:
+            boxes = None
+            if mode == "text+box":
+                boxes = np.array([b if np.any(b) else [np.nan] * 4 for b in batch["box"]], np.float64)
+            outputs = self.segmenter.run_squares(images, list(batch["prompt"]), boxes)
+            merged, scores, _ = self.segmenter.merged_masks(outputs, (side, side), [(1.0, 1.0)] * len(images))
+            for i, mask in enumerate(merged):
+                out["mode"].append(mode)
+                out["pred"].append(np.packbits(mask).tobytes())
+                out["gt"].append(np.packbits(rows["mask"][i] > 0).tobytes())
+                out["score"].append(float(scores[i]))
+                for key in keep:
+                    out[key].append(batch[key][i])
+        return {k: np.array(v, dtype=object) if k in ("pred", "gt", "spacing", "orig_size") else np.array(v)
+                for k, v in out.items()}
+
+
+def case_metrics(group: dict[str, np.ndarray], side: int, tolerance_mm: float) -> dict[str, Any]:
+    """One (case, label, mode) group of predicted rows → one metrics row (3D: over the stacked volume)."""
+    order = np.argsort(group["slice_index"])
+    height, width = (int(v) for v in group["orig_size"][order[0]])
+    new_h, new_w = resized_shape(height, width, side)
+
+    def plane(packed: bytes) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(packed, np.uint8), count=side * side).reshape(side, side)[:new_h, :new_w]
+
+    spacing = [float(v) for v in group["spacing"][order[0]]]  # (row mm, column mm, through-plane mm)
+    indices = group["slice_index"][order]
+    if indices[0] < 0:  # a 2D image
+        pred, gt, metric_spacing = plane(group["pred"][order[0]]), plane(group["gt"][order[0]]), spacing[:2]
+    else:
+        depth = int(indices[-1] - indices[0] + 1)
+        pred, gt = np.zeros((depth, new_h, new_w), bool), np.zeros((depth, new_h, new_w), bool)
+        for row, k in zip(order, indices, strict=True):
+            pred[k - indices[0]], gt[k - indices[0]] = plane(group["pred"][row]), plane(group["gt"][row])
+        metric_spacing = [spacing[2], spacing[0], spacing[1]]
+    first = order[0]
+    return {"mode": group["mode"][first], "dataset": group["dataset"][first], "modality": group["modality"][first],
+            "label": group["label"][first], "prompt": group["prompt"][first], "case_id": group["case_id"][first],
+            "slices": len(order), "gt_pixels": int(gt.sum()), "pred_pixels": int(pred.sum()),
+            "score": float(np.max(group["score"])), **all_metrics(pred, gt, metric_spacing, tolerance_mm)}
+
+
+def _metrics_batch(group: dict[str, np.ndarray], side: int, tolerance_mm: float) -> dict[str, np.ndarray]:
+    row = case_metrics(group, side, tolerance_mm)
+    return {k: np.array([v]) for k, v in row.items()}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir: str | os.PathLike,
+                 cfg: DictConfig, address: str | None = None) -> dict[str, Any]:
+    """Evaluate every checkpoint on the shards; returns the summary (also written to OUT)."""
+    import pandas as pd
+    import ray
+
+    found = parse_checkpoints(checkpoints)
+    unknown = set(cfg.modes) - {"text", "text+box"}
+    if unknown or not cfg.modes:
+        raise EvaluateError(f"modes must be a non-empty subset of [text, text+box], got {list(cfg.modes)}")
+    try:
+        validate_shards(shards)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from exc
+    files = shard_files(shards)
+    side = _stored_side(files[0])
+    if not ray.is_initialized():
+        needed = int(cfg.num_actors) * float(cfg.cpus_per_actor) + 1
+        ray.init(address=address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
+                 include_dashboard=False, logging_level="WARNING")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    frames = []
+    for name, folder in found.items():
+        rows = ray.data.read_parquet(files).map_batches(
+            Predictor, fn_constructor_kwargs={"checkpoint": str(folder.absolute()), "cfg": plain,
+                                              "threads": int(cfg.cpus_per_actor)},
+            batch_size=int(cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
+            num_cpus=float(cfg.cpus_per_actor), num_gpus=1 if cfg.use_gpu else 0)
+        per_case = rows.groupby(["mode", "dataset", "case_id", "label"]).map_groups(
+            _metrics_batch, fn_kwargs={"side": side, "tolerance_mm": float(cfg.tolerance_mm)}, batch_format="numpy")
+        frame = per_case.to_pandas()
+        frame.insert(0, "checkpoint", name)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True).sort_values(KEYS).reset_index(drop=True)
+    return write_reports(table, list(found), found, shards, out_dir, cfg, side)
+
+
+def _stored_side(file: str) -> int:
+    import pyarrow.parquet as pq
+
+    first = pq.ParquetFile(file).read_row_group(0, columns=["mask"]).column(0)[0].as_py()
+    return int(round(math.sqrt(len(first))))
+
+
+def summary_table(table, by: Sequence[str]):
+    """mean ± std and n of each metric per group (HD95: finite values; the count of inf beside it)."""
+    import pandas as pd
+
+    rows = []
+    for key, part in table.groupby(list(by), sort=True):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)) | {"n": len(part)}
+        for metric in METRICS:
+            values = part[metric].to_numpy(float)
+            finite = values[np.isfinite(values)]
+            row[metric] = float(finite.mean()) if finite.size else math.nan
+            row[f"{metric}_std"] = float(finite.std()) if finite.size else math.nan
+            if metric == "hd95":
+                row["hd95_inf"] = int((~np.isfinite(values)).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame, by: Sequence[str]) -> str:
+    head = [*by, "n", "Dice", "IoU", "NSD", "HD95 (mm)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in frame.iterrows():
+        hd = "–" if math.isnan(row["hd95"]) else f"{row['hd95']:.2f} ± {row['hd95_std']:.2f}"
+        hd += f" ({row['hd95_inf']} ∞)" if row["hd95_inf"] else ""
+        cells = [str(row[k]) for k in by] + [str(row["n"])] + [
+            f"{row[m]:.3f} ± {row[m + '_std']:.3f}" for m in ("dice", "iou", "nsd")] + [hd]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(table, names: list[str], found: dict[str, Path], shards, out_dir, cfg: DictConfig,
+                  side: int) -> dict[str, Any]:
+    out = Path(out_dir)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        table.to_csv(staging / "metrics.csv", index=False)
+        by = ["checkpoint", "mode", "dataset", "label", "modality"]
+        overall = summary_table(table, ["checkpoint", "mode"])
+        lines = [f"# Evaluation of {', '.join(names)}", "",
+                 f"Shards: `{Path(shards).name}`; NSD tolerance {cfg.tolerance_mm} mm; query threshold "
+                 f"{cfg.threshold}. Mean ± std over cases (3D cases are scored as volumes); HD95 over "
+                 "finite values, the number of infinite ones (one mask empty) in brackets.", "",
+                 "## Overall", "", _markdown(overall, ["checkpoint", "mode"]), ""]
+        for dataset, part in table.groupby("dataset", sort=True):
+            lines += [f"## {dataset}", "", _markdown(summary_table(part, by), by), ""]
+        if len(names) == 2:
+            lines += ["## Side by side (Dice)", "", _side_by_side(table, names), ""]
+        gallery = write_gallery(table, found, shards, staging, cfg, side)
+        if gallery:
+            lines += ["## Gallery (best and worst cases per dataset, text prompts)", ""]
+            lines += [f"![{g}](gallery/{g})" for g in gallery] + [""]
+        (staging / "report.md").write_text("\n".join(lines))
+        summary = {"checkpoints": {n: p.name for n, p in found.items()}, "cases": int(table["case_id"].nunique()),
+                   "overall": json.loads(overall.to_json(orient="records"))}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return summary
+
+
+def _side_by_side(table, names: list[str]) -> str:
+    by = ["mode", "dataset", "label"]
+    first, second = (summary_table(table[table.checkpoint == n], by).set_index(by) for n in names)
+    lines = [f"| mode | dataset | label | n | {names[0]} | {names[1]} | Δ |", "|---|---|---|---|---|---|---|"]
+    for key in first.index.intersection(second.index):
+        a, b = first.loc[key, "dice"], second.loc[key, "dice"]
+        lines.append(f"| {' | '.join(map(str, key))} | {first.loc[key, 'n']} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    return "\n".join(lines)
+
+
+def write_gallery(table, found: dict[str, Path], shards, out: Path, cfg: DictConfig, side: int) -> list[str]:
+    """Best and worst cases per dataset (text mode, first checkpoint): image, truth and prediction
+    on the case's slice with the most ground truth. Predictions are recomputed for those slices."""
+    import pyarrow.dataset as pads
+
+    from medsam3.inference import Segmenter
+    from medsam3.io.write import overlay, save_overlay_figure
+
+    count = int(cfg.gallery)
+    name = next(iter(found))
+    text = table[(table.checkpoint == name) & (table["mode"] == "text") & (table.gt_pixels > 0)]
+    if count <= 0 or text.empty:
+        return []
+    segmenter = Segmenter(found[name], cfg)
+    data = pads.dataset(shard_files(shards), format="parquet")
+    (out / "gallery").mkdir()
+    written = []
+    for dataset, part in text.groupby("dataset", sort=True):
+        ranked = part.sort_values("dice")
+        picks = {"worst": ranked.head(count), "best": ranked.tail(count).iloc[::-1]}
+        for kind, rows in picks.items():
+            panels = []
+            for _, row in rows.iterrows():
+                expr = ((pads.field("dataset") == dataset) & (pads.field("case_id") == row.case_id)
+                        & (pads.field("label") == row.label))
+                found_rows = decode_batch(data.to_table(filter=expr).to_pydict())
+                best = int(np.argmax([m.sum() for m in found_rows["mask"]]))
+                image, mask = found_rows["image"][best], found_rows["mask"][best] > 0
+                outputs = segmenter.run_squares(image[None], [row.prompt])
+                pred = segmenter.merged_masks(outputs, (side, side), [(1.0, 1.0)])[0][0]
+                panels.append((f"{row.case_id} {row.label}: truth", overlay(image, [mask])))
+                panels.append((f"prediction (case Dice {row.dice:.2f})", overlay(image, [pred])))
+            file = f"{dataset}_{kind}.png".replace("/", "_")
+            save_overlay_figure(panels, ["mask"], out / "gallery" / file)
+            written.append(file)
+    return written

@@ -1,0 +1,138 @@
+"""``medsam3 predict``: masks for text prompts (and optional boxes) on one scan.
+
+Reads the scan like ``prepare`` does, runs :class:`medsam3.inference.Segmenter` and writes, in
+OUT: ``labels.nii.gz`` (NIfTI and NPZ inputs: a label map with the input's affine),
+``segmentation.dcm`` (DICOM inputs: a DICOM-SEG referencing the source series),
+``<n>_<prompt>.png`` masks (2D inputs), ``overlay.png`` (each prompt's mask in its colour, with a
+legend) and ``summary.json`` (per prompt: pixels/voxels, volume in ml, score, whether the model
+was trained on the prompt). OUT is written in a staging folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from medsam3.errors import StageError
+from medsam3.inference import PromptResult, Segmenter
+from medsam3.io.case import CaseError
+from medsam3.io.scan import Scan, describe, read_scan
+from medsam3.io.write import (
+    overlay,
+    save_overlay_figure,
+    volume_panels,
+    write_dicom_seg,
+    write_nifti_labels,
+    write_png_mask,
+)
+from medsam3.model import CheckpointError
+from medsam3.samples import Intensity
+from medsam3.transforms import display_slice, to_rgb
+
+
+class PredictError(StageError):
+    """The input, the prompts or the checkpoint cannot be used."""
+
+
+def parse_box(text: str) -> list[float]:
+    """``"x0,y0,x1,y1"`` → four floats, checked."""
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise PredictError(f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    return box
+
+
+def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.PathLike,
+              threshold: float) -> dict[str, Any]:
+    voxel_ml = float(np.prod(scan.case.spacing)) / 1000.0 if scan.is_3d else None
+    prompts = []
+    for value, result in enumerate(results, start=1):
+        count = int(result.mask.sum())
+        entry = {"prompt": result.prompt, "label_value": value, "score": round(result.score, 4),
+                 "voxels" if scan.is_3d else "pixels": count, "in_vocabulary": result.in_vocabulary,
+                 "box": result.box}
+        if scan.is_3d:
+            entry["volume_ml"] = round(count * voxel_ml, 3)
+            entry["slices_with_mask"] = int(np.count_nonzero(result.slice_scores))
+        else:
+            entry["instances"] = len(result.instances)
+        if not result.in_vocabulary:
+            entry["warning"] = "prompt not seen in training: the result may be unreliable"
+        prompts.append(entry)
+    return {"input": describe(scan), "checkpoint": Path(checkpoint).name, "threshold": threshold, "prompts": prompts}
+
+
+def write_outputs(scan: Scan, results: Sequence[PromptResult], segmenter: Segmenter, out: Path) -> list[str]:
+    """Every output file for one scan into ``out`` (an existing, empty folder); returns their names."""
+    masks, prompts = [r.mask for r in results], [r.prompt for r in results]
+    cfg = segmenter.cfg
+    intensity = Intensity(scan.case, cfg.prepare)
+    window = segmenter.window(prompts[0], scan.case.modality)
+    files = []
+    if scan.is_3d:
+        if scan.kind == "dicom":
+            write_dicom_seg(masks, prompts, scan.case.affine, scan.dicom_files, out / "segmentation.dcm")
+            files.append("segmentation.dcm")
+        write_nifti_labels(masks, scan.case.affine, out / "labels.nii.gz", scan.source_affine)
+        files.append("labels.nii.gz")
+        axis = int(cfg.prepare.slice_axis)
+        panels = volume_panels(lambda k: intensity(display_slice(scan.case.image, axis, k), window), masks, axis,
+                               int(cfg.overlay_slices))
+    else:
+        for value, result in enumerate(results, start=1):
+            name = f"{value}_{re.sub(r'[^a-z0-9]+', '_', result.prompt.lower()).strip('_') or 'prompt'}.png"
+            write_png_mask(result.mask, out / name)
+            files.append(name)
+        panels = [(scan.name, overlay(to_rgb(intensity(scan.case.image, window)), masks))]
+    save_overlay_figure(panels, prompts, out / "overlay.png", [r.score for r in results])
+    files.append("overlay.png")
+    labels = {str(v): p for v, p in enumerate(prompts, start=1)}
+    (out / "labels.json").write_text(json.dumps(labels, indent=1))
+    return files + ["labels.json"]
+
+
+def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoint: str | os.PathLike,
+                out_dir: str | os.PathLike, cfg: DictConfig, boxes: Sequence[str] = (),
+                progress: bool = True) -> dict[str, Any]:
+    """Segment one scan and write its outputs; returns the summary."""
+    if not prompts:
+        raise PredictError("give at least one --prompt")
+    parsed = [parse_box(b) for b in boxes]
+    if len(parsed) > len(prompts):
+        raise PredictError(f"{len(parsed)} --box for {len(prompts)} --prompt: boxes go with prompts, in order")
+    try:
+        segmenter = Segmenter(checkpoint, cfg)
+    except CheckpointError as exc:
+        raise PredictError(f"checkpoint: {exc}") from exc
+    try:
+        scan = read_scan(input_path, cfg.modality, cfg.channel, bool(cfg.allow_pickle))
+    except CaseError as exc:
+        raise PredictError(str(exc)) from exc
+    results = segmenter.segment(scan.case, prompts, parsed + [None] * (len(prompts) - len(parsed)), progress=progress)
+    out = Path(out_dir)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        files = write_outputs(scan, results, segmenter, staging)
+        summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return summary
