@@ -41,6 +41,8 @@ lint: install-test
 
 bench: install
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/inference.py
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -102,9 +102,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     batch_size = int(cfg.train.batch_size)
     while step < int(cfg.train.max_steps):
-        # The data position is (epoch, batch in epoch) = divmod(step, steps_per_epoch): each epoch
-        # streams the same equal split in a seeded shuffle, so a resumed or restarted run skips the
-        # batches this epoch already trained on and goes on with exactly the batches that follow.
+        # The data position is (epoch, batch in epoch) = divmod(step, steps_per_epoch): a resumed or
+        # restarted run skips the batches its epoch already trained on, then finishes that epoch.
+        # Ray Data's streaming split hands rows to workers as they ask, so which rows make up the
+        # rest of an interrupted epoch may differ from an uninterrupted run; within a worker the
+        # order is a shuffle seeded by (seed, epoch).
         epoch, done = divmod(step, steps_per_epoch)
         batches = train_shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", drop_last=True,
