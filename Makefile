@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test demo repro test lint bench clean
+.PHONY: install install-test browser demo repro test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ demo: install
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: install-test
+# Debian's Chromium for the web page's end-to-end test (driven by Playwright's Python package).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: could not install chromium; the browser test will be skipped outside CI"
+
+test: install-test browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 

@@ -101,11 +101,11 @@ def main() -> None:
         print(f"    batched / single: {statistics.median(ratios):.2f}x  (runs {', '.join(f'{r:.2f}' for r in ratios)};"
               " target >= 2x)")
 
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         (tmp / "in" / "lesions").mkdir(parents=True)
         for f in sorted(RECIST.glob("*.npz")):
             shutil.copy(f, tmp / "in" / "lesions")
         run_prepare(tmp / "in", tmp / "shards", load_config("prepare", ["empty_fraction=0.5"]))
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         one, two = [], []
         for i in range(args.repeats):
             one.append(evaluate_rate(tmp / "shards", checkpoint, 1, tmp / f"e1_{i}"))

@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True)
     _add_common(evaluate)
 
+    serve_cmd = sub.add_parser(
+        "serve",
+        help="an autoscaled Ray Serve HTTP endpoint (POST /v1/segment, a web page at /)",
+        description="Start a local Ray (or join --address) and deploy the segmentation app of "
+        "configs/serve.yaml with the given checkpoints. Stops with Ctrl-C.",
+    )
+    serve_cmd.add_argument("--checkpoint", action="append", required=True,
+                           help="DIR or NAME=DIR (repeat to serve several; the first is the default)")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    serve_cmd.add_argument("--config", help="Serve config (default configs/serve.yaml)")
+    serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    serve_cmd.add_argument("--no-block", action="store_true", help="return once deployed (Ray keeps serving)")
+
     phantom = sub.add_parser("phantom", help="write the synthetic CT phantom dataset (MSD layout)")
     phantom.add_argument("output", metavar="OUTPUT")
     phantom.add_argument("--cases", type=int, default=3, help="number of volumes (default 3)")
@@ -138,6 +152,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_evaluate(args.shards, args.checkpoint, args.out, cfg, address=args.address)
             print((Path(args.out) / "report.md").read_text().split("\n## ", 2)[1].split("\n", 1)[1])
             print(f"report: {Path(args.out) / 'report.md'}")
+        elif args.command == "serve":
+            from serve.run import parse_checkpoints, start
+
+            checkpoints = parse_checkpoints(args.checkpoint)
+            url = start(checkpoints, args.port, args.host, args.address, args.config)
+            first = next(iter(checkpoints))
+            print(f"serving {', '.join(checkpoints)} at {url}  (web page: {url}/, API docs: {url}/docs)")
+            print(f"example: curl -F file=@scan.nii.gz -F prompt=liver -F model={first} {url}/v1/segment")
+            if not args.no_block:
+                import time
+
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    from ray import serve
+
+                    serve.shutdown()
         elif args.command == "phantom":
             from medsam3.phantom import write_phantom_dataset
 

@@ -83,6 +83,113 @@ class PromptResult:
         return float(self.slice_scores.max(initial=0.0))
 
 
+@dataclass
+class SliceItem:
+    """One (plane, prompt) pair ready for the model; ``serve`` ships these from its ingress to the
+    model replicas, where items of concurrent requests are batched together."""
+
+    square: np.ndarray  # the stored square (S, S, 3) uint8, exactly as prepare writes it
+    square_key: tuple  # items with the same key share the square (and its vision features)
+    prompt: str
+    box: np.ndarray | None  # xyxy in square pixels
+    out_hw: tuple[int, int]  # the plane's own pixels
+    content: tuple[float, float]  # share of the square the plane fills (the rest is padding)
+    slice_index: int
+    prompt_index: int
+
+
+@dataclass
+class SliceAnswer:
+    mask: np.ndarray  # bool (out_hw)
+    score: float
+    instances: list[np.ndarray] = field(default_factory=list)
+
+
+def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
+    """The prompts an exported run was trained on (``medsam3_export.json``), or None."""
+    export = Path(checkpoint) / "medsam3_export.json"
+    prompts = json.loads(export.read_text()).get("prompts") if export.is_file() else None
+    return set(prompts) if prompts else None
+
+
+class Preprocessor:
+    """Scans → :class:`SliceItem` with ``prepare``'s pixels (needs no model: serve's ingress uses it)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.square = int(cfg.prepare.image_size)
+        self.axis = int(cfg.prepare.slice_axis)
+        self.vocab = Vocabulary.from_file(cfg.prepare.vocabulary, cfg.prepare.extra_labels)
+
+    def window(self, prompt: str, modality: str | None) -> str:
+        entry = self.vocab.lookup(prompt, modality)
+        return str(self.cfg.prepare.window or (entry.window if entry else self.vocab.default_window))
+
+    def in_vocabulary(self, prompt: str, modality: str | None, trained: set[str] | None) -> bool:
+        """Was the model trained on this prompt (or, for released weights, does the vocabulary know it)?"""
+        return prompt in trained if trained is not None else self.vocab.lookup(prompt, modality) is not None
+
+    def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str) -> np.ndarray:
+        """Display-ordered planes → the stored squares ``prepare`` writes for them (B, S, S, 3) uint8."""
+        return np.stack([resize_pad(intensity(p, window), self.square, channels=3) for p in planes])
+
+    def num_slices(self, case: Case) -> int:
+        return case.image.shape[self.axis] if case.is_3d else 1
+
+    def plane(self, case: Case, index: int) -> np.ndarray:
+        return display_slice(case.image, self.axis, index) if case.is_3d else case.image
+
+    def check(self, prompts: Sequence[str], boxes: Sequence | None) -> tuple[list[str], list]:
+        prompts = [str(p).strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise ValueError("at least one non-empty text prompt is needed")
+        boxes = list(boxes) if boxes is not None else [None] * len(prompts)
+        if len(boxes) != len(prompts):
+            raise ValueError(f"{len(boxes)} box(es) for {len(prompts)} prompt(s): give one per prompt, in order")
+        return prompts, boxes
+
+    def items(self, case: Case, prompts: Sequence[str], boxes: Sequence, indices: Sequence[int],
+              intensity: Intensity) -> list[SliceItem]:
+        """Every (slice, prompt) item of the given slices; ``boxes[i]`` is prompt i's
+        ``(x0, y0, x1, y1)`` in the plane's pixels or None (a 3D box applies to every slice)."""
+        planes = {k: self.plane(case, k) for k in indices}
+        height, width = next(iter(planes.values())).shape[:2]
+        new_h, new_w = resized_shape(height, width, self.square)
+        scale = np.array([new_w / width, new_h / height] * 2)
+        squares = {}
+        for window in sorted({self.window(p, case.modality) for p in prompts}):
+            for k, square in zip(indices, self.plane_squares([planes[k] for k in indices], intensity, window),
+                                 strict=True):
+                squares[(k, window)] = square
+        items = []
+        for k in indices:
+            for i, (prompt, box) in enumerate(zip(prompts, boxes, strict=True)):
+                key = (k, self.window(prompt, case.modality))
+                items.append(SliceItem(squares[key], key, prompt, None if box is None else np.asarray(box) * scale,
+                                       (height, width), (new_h / self.square, new_w / self.square), k, i))
+        return items
+
+    def results(self, case: Case, prompts: Sequence[str], boxes: Sequence, trained: set[str] | None):
+        """Empty :class:`PromptResult` per prompt, to be filled by :meth:`fill`."""
+        shape = case.image.shape if case.is_3d else case.image.shape[:2]
+        count = self.num_slices(case)
+        return [PromptResult(p, np.zeros(shape, bool), np.zeros(count, np.float32),
+                             self.in_vocabulary(p, case.modality, trained),
+                             None if b is None else [float(v) for v in b])
+                for p, b in zip(prompts, boxes, strict=True)]
+
+    def fill(self, case: Case, results: list[PromptResult], items: Sequence[SliceItem],
+             answers: Sequence[SliceAnswer]) -> None:
+        for item, answer in zip(items, answers, strict=True):
+            result = results[item.prompt_index]
+            result.slice_scores[item.slice_index] = answer.score
+            if case.is_3d:
+                result.mask[(slice(None),) * self.axis + (item.slice_index,)] = undisplay_slice(answer.mask)
+            else:
+                result.mask[:] = answer.mask
+                result.instances = answer.instances
+
+
 class Segmenter:
     """A SAM3 checkpoint ready for prompt-driven inference."""
 
@@ -103,34 +210,46 @@ class Segmenter:
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(os.fspath(checkpoint), local_files_only=True)
         self.size = model_image_size(self.model)
-        self.square = int(self.cfg.prepare.image_size)
         self.threshold = float(self.cfg.threshold)
-        self.vocab = Vocabulary.from_file(self.cfg.prepare.vocabulary, self.cfg.prepare.extra_labels)
-        export = self.checkpoint / "medsam3_export.json"
-        trained = json.loads(export.read_text()).get("prompts") if export.is_file() else None
-        self.trained_prompts = set(trained) if trained else None
-
-    # --- vocabulary ------------------------------------------------------------------------
-
-    def in_vocabulary(self, prompt: str, modality: str | None = None) -> bool:
-        """Was the model trained on this prompt (or, for released weights, does the vocabulary know it)?"""
-        if self.trained_prompts is not None:
-            return prompt in self.trained_prompts
-        return self.vocab.lookup(prompt, modality) is not None
+        self.prep = Preprocessor(self.cfg)
+        self.trained_prompts = trained_prompts(checkpoint)
 
     def window(self, prompt: str, modality: str | None) -> str:
-        entry = self.vocab.lookup(prompt, modality)
-        return str(self.cfg.prepare.window or (entry.window if entry else self.vocab.default_window))
+        return self.prep.window(prompt, modality)
 
-    # --- squares (evaluate) ----------------------------------------------------------------
+    def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str) -> np.ndarray:
+        return self.prep.plane_squares(planes, intensity, window)
+
+    # --- model calls -----------------------------------------------------------------------
+
+    def _vision(self, squares: np.ndarray):
+        pixels = torch.from_numpy(np.stack([model_pixels(s, self.size) for s in squares]))
+        return self.model.get_vision_features(pixel_values=pixels.to(self.device, self.model.dtype))
 
     @torch.inference_mode()
     def run_squares(self, squares: np.ndarray, prompts: Sequence[str], boxes: np.ndarray | None = None):
         """Model outputs for stored squares (B, S, S, 3) uint8, one prompt per square; ``boxes``:
         (B, 4) xyxy in square pixels, rows of NaN for no box."""
-        pixels = torch.from_numpy(np.stack([model_pixels(s, self.size) for s in squares])).to(self.device)
-        vision = self.model.get_vision_features(pixel_values=pixels.to(self.model.dtype))
-        return self._decode(vision, list(prompts), boxes, squares.shape[1])
+        return self._decode(self._vision(squares), list(prompts), boxes, squares.shape[1])
+
+    @torch.inference_mode()
+    def run_items(self, items: Sequence[SliceItem]) -> list[SliceAnswer]:
+        """Answers for any items (of one scan or of many requests): the vision backbone runs once
+        per distinct square, the decoder once per item."""
+        keys = list(dict.fromkeys(item.square_key for item in items))
+        where = {key: i for i, key in enumerate(keys)}
+        first = {item.square_key: item.square for item in reversed(items)}
+        vision = self._vision(np.stack([first[key] for key in keys]))
+        vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
+        side = items[0].square.shape[0]
+        boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
+        outputs = self._decode(vision, [item.prompt for item in items], boxes, side)
+        answers = []
+        for i, item in enumerate(items):  # planes of different requests differ in size: one at a time
+            merged, best, each = self.merged_masks(_take(outputs, slice(i, i + 1)), item.out_hw, [item.content],
+                                                   instances=True)
+            answers.append(SliceAnswer(merged[0], float(best[0]), each[0]))
+        return answers
 
     def _decode(self, vision, prompts: list[str], boxes: np.ndarray | None, side: int):
         tokens = tokenize(self.tokenizer, prompts)
@@ -168,64 +287,38 @@ class Segmenter:
             each.append([m.cpu().numpy() for m in masks] if instances else [])
         return merged, np.array(best, np.float32), each
 
-    # --- scans (predict, serve) ------------------------------------------------------------
-
-    def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str) -> np.ndarray:
-        """Display-ordered planes → the stored squares ``prepare`` writes for them (B, S, S, 3) uint8."""
-        return np.stack([resize_pad(intensity(p, window), self.square, channels=3) for p in planes])
+    # --- scans (predict) -------------------------------------------------------------------
 
     def segment(self, case: Case, prompts: Sequence[str], boxes: Sequence[Sequence[float] | None] | None = None,
                 progress: bool = False) -> list[PromptResult]:
-        """Segment every prompt on a 2D image or a whole volume (slice batches along ``slice_axis``).
+        """Segment every prompt on a 2D image or a whole volume, ``batch_size`` slices at a time
+        (a volume streams through the model; only the masks are kept whole).
 
         ``boxes[i]`` goes with ``prompts[i]``: ``(x0, y0, x1, y1)`` in the plane's pixels (a 3D box
         applies to every slice), or None.
         """
-        prompts = [str(p).strip() for p in prompts]
-        if not prompts or not all(prompts):
-            raise ValueError("at least one non-empty text prompt is needed")
-        boxes = list(boxes) if boxes is not None else [None] * len(prompts)
-        if len(boxes) != len(prompts):
-            raise ValueError(f"{len(boxes)} box(es) for {len(prompts)} prompt(s): give one per prompt, in order")
+        prompts, boxes = self.prep.check(prompts, boxes)
         intensity = Intensity(case, self.cfg.prepare)
-        axis = int(self.cfg.prepare.slice_axis)
-        count = case.image.shape[axis] if case.is_3d else 1
-        shape = case.image.shape if case.is_3d else case.image.shape[:2]
-        plane_hw = display_slice(case.image, axis, 0).shape[:2] if case.is_3d else case.image.shape[:2]
-        new_h, new_w = resized_shape(*plane_hw, self.square)
-        content = (new_h / self.square, new_w / self.square)
-        scale = np.array([new_w / plane_hw[1], new_h / plane_hw[0]] * 2)
-        square_boxes = [None if b is None else np.asarray(b, np.float64) * scale for b in boxes]
-        windows = {p: self.window(p, case.modality) for p in prompts}
-        results = [PromptResult(p, np.zeros(shape, bool), np.zeros(count, np.float32),
-                                self.in_vocabulary(p, case.modality), None if b is None else [float(v) for v in b])
-                   for p, b in zip(prompts, boxes, strict=True)]
-        batch = max(1, int(self.cfg.batch_size))
+        results = self.prep.results(case, prompts, boxes, self.trained_prompts)
+        count, batch = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
         starts = range(0, count, batch)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, total=len(starts), unit="batch", desc=f"{count} slice(s)")
         for start in starts:
-            indices = list(range(start, min(start + batch, count)))
-            planes = [display_slice(case.image, axis, k) if case.is_3d else case.image for k in indices]
-            for window in sorted(set(windows.values())):
-                squares = self.plane_squares(planes, intensity, window)
-                pixels = torch.from_numpy(np.stack([model_pixels(s, self.size) for s in squares]))
-                with torch.inference_mode():
-                    vision = self.model.get_vision_features(pixel_values=pixels.to(self.device, self.model.dtype))
-                    for result, square_box in zip(results, square_boxes, strict=True):
-                        if windows[result.prompt] != window:
-                            continue
-                        box_rows = None if square_box is None else np.repeat(square_box[None], len(indices), 0)
-                        out = self._decode(vision, [result.prompt] * len(indices), box_rows, self.square)
-                        merged, best, each = self.merged_masks(out, plane_hw, [content] * len(indices),
-                                                               instances=not case.is_3d)
-                        result.slice_scores[indices] = best
-                        for k, mask in zip(indices, merged, strict=True):
-                            if case.is_3d:
-                                result.mask[(slice(None),) * axis + (k,)] = undisplay_slice(mask)
-                            else:
-                                result.mask[:] = mask
-                                result.instances = each[0]
+            items = self.prep.items(case, prompts, boxes, range(start, min(start + batch, count)), intensity)
+            self.prep.fill(case, results, items, self.run_items(items))
         return results
+
+
+def _take(output, index):
+    """Index the batch dimension of every tensor in a transformers ModelOutput (tuples included)."""
+    def pick(value):
+        if isinstance(value, torch.Tensor):
+            return value[index]
+        if isinstance(value, tuple | list):
+            return type(value)(pick(v) for v in value)
+        return value
+
+    return type(output)(**{key: pick(value) for key, value in output.items()})

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from medsam3.errors import StageError
-from medsam3.inference import PromptResult, Segmenter
+from medsam3.inference import Preprocessor, PromptResult, Segmenter
 from medsam3.io.case import CaseError
 from medsam3.io.scan import Scan, describe, read_scan
 from medsam3.io.write import (
@@ -73,12 +73,24 @@ def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.
     return {"input": describe(scan), "checkpoint": Path(checkpoint).name, "threshold": threshold, "prompts": prompts}
 
 
-def write_outputs(scan: Scan, results: Sequence[PromptResult], segmenter: Segmenter, out: Path) -> list[str]:
+def overlay_figure(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, path: Path) -> Path:
+    """overlay.png: the image (a volume: a few slices where the masks are) with each prompt's
+    mask in its colour and a legend with the scores."""
+    masks, prompts = [r.mask for r in results], [r.prompt for r in results]
+    intensity = Intensity(scan.case, cfg.prepare)
+    window = Preprocessor(cfg).window(prompts[0], scan.case.modality)
+    if scan.is_3d:
+        axis = int(cfg.prepare.slice_axis)
+        panels = volume_panels(lambda k: intensity(display_slice(scan.case.image, axis, k), window), masks, axis,
+                               int(cfg.overlay_slices))
+    else:
+        panels = [(scan.name, overlay(to_rgb(intensity(scan.case.image, window)), masks))]
+    return save_overlay_figure(panels, prompts, path, [r.score for r in results])
+
+
+def write_outputs(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, out: Path) -> list[str]:
     """Every output file for one scan into ``out`` (an existing, empty folder); returns their names."""
     masks, prompts = [r.mask for r in results], [r.prompt for r in results]
-    cfg = segmenter.cfg
-    intensity = Intensity(scan.case, cfg.prepare)
-    window = segmenter.window(prompts[0], scan.case.modality)
     files = []
     if scan.is_3d:
         if scan.kind == "dicom":
@@ -86,16 +98,12 @@ def write_outputs(scan: Scan, results: Sequence[PromptResult], segmenter: Segmen
             files.append("segmentation.dcm")
         write_nifti_labels(masks, scan.case.affine, out / "labels.nii.gz", scan.source_affine)
         files.append("labels.nii.gz")
-        axis = int(cfg.prepare.slice_axis)
-        panels = volume_panels(lambda k: intensity(display_slice(scan.case.image, axis, k), window), masks, axis,
-                               int(cfg.overlay_slices))
     else:
         for value, result in enumerate(results, start=1):
             name = f"{value}_{re.sub(r'[^a-z0-9]+', '_', result.prompt.lower()).strip('_') or 'prompt'}.png"
             write_png_mask(result.mask, out / name)
             files.append(name)
-        panels = [(scan.name, overlay(to_rgb(intensity(scan.case.image, window)), masks))]
-    save_overlay_figure(panels, prompts, out / "overlay.png", [r.score for r in results])
+    overlay_figure(scan, results, cfg, out / "overlay.png")
     files.append("overlay.png")
     labels = {str(v): p for v, p in enumerate(prompts, start=1)}
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
@@ -126,7 +134,7 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        files = write_outputs(scan, results, segmenter, staging)
+        files = write_outputs(scan, results, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
     except BaseException:

@@ -1,0 +1,255 @@
+"""The Ray Serve application: a FastAPI ingress and batched, multiplexed SAM3 model replicas.
+
+    client ──HTTP──► SegmentAPI (FastAPI ingress: limits, upload → scan → SliceItems, responses)
+                        │  one call per (slice, prompt) item, routed by model id
+                        ▼
+                     SegmentModel replicas (@serve.multiplexed checkpoints, @serve.batch: items of
+                     concurrent requests go through the model together; autoscaled)
+
+Both sides use ``medsam3.inference`` (Preprocessor on the ingress, Segmenter.run_items on the
+replicas), the same code path as ``medsam3 predict`` and ``evaluate``. ``build_app`` is the
+application builder that ``configs/serve.yaml`` (``serve run`` / ``serve deploy`` / KubeRay's
+RayService) and ``medsam3 serve`` both use.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real types of the
+# ingress methods, which Serve rewraps (string annotations would not resolve there)
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from omegaconf import OmegaConf
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.encode import parse_box, planes_shape, preview_planes, rle_planes
+from serve.uploads import UploadError, store_upload
+
+STATIC = Path(__file__).resolve().parent / "static"
+FORMATS = {"json": "application/json", "nifti": "application/gzip", "dicom-seg": "application/dicom",
+           "png": "image/png"}
+ACCEPT = {"application/json": "json", "application/gzip": "nifti", "application/x-nifti": "nifti",
+          "application/dicom": "dicom-seg", "image/png": "png"}
+
+
+def _inference_cfg(settings: dict[str, Any]):
+    from medsam3.inference import inference_config
+
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}"
+                 for k, v in (settings.get("inference") or {}).items()]
+    return inference_config(overrides)
+
+
+@serve.deployment(name="SegmentModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class SegmentModel:
+    """One replica: up to ``max_models`` checkpoints loaded (LRU), items answered in batches."""
+
+    def __init__(self, checkpoints: dict[str, str], settings: dict[str, Any]):
+        self.checkpoints = checkpoints
+        self.cfg = _inference_cfg(settings)
+        self.failures = 0
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config`` of the Serve config: batching can be retuned without a restart."""
+        self.run_batch.set_max_batch_size(int(user_config.get("max_batch_size", 16)))
+        self.run_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.02)))
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_segmenter(self, model_id: str):
+        from medsam3.inference import Segmenter
+
+        return Segmenter(self.checkpoints[model_id], self.cfg)
+
+    async def run(self, model_id: str, item):
+        return await self.run_batch(model_id, item)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def run_batch(self, model_ids: list[str], items: list) -> list:
+        answers: list = [None] * len(items)
+        for model_id in dict.fromkeys(model_ids):
+            picked = [i for i, m in enumerate(model_ids) if m == model_id]
+            segmenter = await self.get_segmenter(model_id)
+            try:  # off the event loop, so requests keep queueing into the next batch meanwhile
+                done = await asyncio.to_thread(segmenter.run_items, [items[i] for i in picked])
+            except Exception:
+                self.failures += 1
+                raise
+            self.failures = 0
+            for i, answer in zip(picked, done, strict=True):
+                answers[i] = answer
+        return answers
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose model calls keep failing (e.g. a broken GPU)."""
+        if self.failures >= 3:
+            raise RuntimeError(f"{self.failures} model calls in a row failed")
+
+
+api = FastAPI(title="MedSAM3", description="Prompt-driven segmentation of medical images with SAM3 "
+              "fine-tuned on medical data. POST a scan and text prompts to /v1/segment.")
+
+
+@serve.deployment(name="SegmentAPI", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class SegmentAPI:
+    def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any]):
+        from medsam3.inference import Preprocessor, trained_prompts
+
+        self.model = model
+        self.checkpoints = checkpoints
+        self.default = next(iter(checkpoints))
+        self.settings = settings
+        self.cfg = _inference_cfg(settings)
+        self.prep = Preprocessor(self.cfg)
+        self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
+        self.max_bytes = int(float(settings.get("max_upload_mb", 512)) * 2**20)
+        self.max_voxels = int(float(settings.get("max_voxels", 512 * 512 * 1000)))
+        self.max_side = int(settings.get("max_side", 4096))
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> str:
+        return (STATIC / "index.html").read_text()
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:  # a model replica is up and answers
+            await asyncio.wait_for(self.model.check_health.remote(), timeout=10)
+        except Exception as exc:
+            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "models": list(self.checkpoints)})
+
+    @api.get("/v1/models")
+    def models(self) -> dict:
+        return {"default": self.default, "models": [
+            {"id": name, "checkpoint": Path(path).name, "trained_prompts": sorted(self.trained[name] or [])}
+            for name, path in self.checkpoints.items()]}
+
+    @api.post("/v1/segment")
+    async def segment(
+        self,
+        request: Request,
+        file: Annotated[UploadFile, File(description="PNG/JPEG, NIfTI (.nii/.nii.gz), NPZ, or a zip of one "
+                                                     "DICOM series")],
+        prompt: Annotated[list[str], Form(description="text prompt; repeat the field for several")],
+        box: Annotated[list[str] | None, Form(description="x0,y0,x1,y1 in input pixels, in prompt order")] = None,
+        format: Annotated[str | None, Form(description="json (default), nifti, dicom-seg or png")] = None,
+        model: Annotated[str | None, Form(description="checkpoint id (or the serve_multiplexed_model_id "
+                                                      "header)")] = None,
+        preview: Annotated[bool, Form(description="json only: add the slices as PNG (for the web page)")] = False,
+        multiplexed: Annotated[str | None, Header(alias="serve_multiplexed_model_id",
+                                                  convert_underscores=False)] = None,
+    ) -> Response:
+        try:
+            return await self._segment(request, file, prompt, box or [], format, model or multiplexed, preview)
+        except UploadError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview) -> Response:
+        from medsam3.io.case import CaseError
+        from medsam3.io.scan import read_scan
+
+        model_id = model_id or self.default
+        if model_id not in self.checkpoints:
+            return JSONResponse({"detail": f"unknown model {model_id!r}; see /v1/models"}, status_code=404)
+        fmt = fmt or ACCEPT.get(request.headers.get("accept", "").split(",")[0].strip(), "json")
+        if fmt not in FORMATS:
+            raise UploadError(422, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        prompts = [p.strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise UploadError(422, "every prompt must be non-empty text")
+        parsed = [parse_box(b) for b in boxes]
+        if len(parsed) > len(prompts):
+            raise UploadError(422, f"{len(parsed)} boxes for {len(prompts)} prompts")
+        parsed += [None] * (len(prompts) - len(parsed))
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.max_bytes + 2**16:
+            raise UploadError(413, f"upload of {declared} bytes exceeds the limit of {self.max_bytes}")
+        data = await file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise UploadError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
+        with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
+            path = await asyncio.to_thread(store_upload, data, file.filename, Path(private))
+            try:
+                scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
+            except CaseError as exc:
+                raise UploadError(422, f"{file.filename}: {str(exc).replace(str(path), 'upload')}") from exc
+            self._check_size(scan)
+            if fmt == "dicom-seg" and scan.kind != "dicom":
+                raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
+            results = await self._run(scan.case, prompts, parsed, model_id)
+            return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private), model_id)
+
+    def _check_size(self, scan) -> None:
+        shape = scan.case.image.shape
+        spatial = shape if scan.is_3d else shape[:2]
+        if max(spatial) > self.max_side or int(np.prod(spatial)) > self.max_voxels:
+            raise UploadError(413, f"image of shape {list(spatial)} exceeds the limits "
+                                   f"(side ≤ {self.max_side}, voxels ≤ {self.max_voxels})")
+
+    async def _run(self, case, prompts, boxes, model_id):
+        from medsam3.samples import Intensity
+
+        intensity = Intensity(case, self.cfg.prepare)
+        results = self.prep.results(case, prompts, boxes, self.trained[model_id])
+        handle = self.model.options(multiplexed_model_id=model_id)
+        count, chunk = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
+        for start in range(0, count, chunk):  # a volume streams through in chunks of slices
+            items = await asyncio.to_thread(self.prep.items, case, prompts, boxes,
+                                            range(start, min(start + chunk, count)), intensity)
+            answers = await asyncio.gather(*[handle.run.remote(model_id, item) for item in items])
+            self.prep.fill(case, results, items, answers)
+        return results
+
+    def _respond(self, scan, results, fmt: str, preview: bool, folder: Path, model_id: str) -> Response:
+        from medsam3.io.write import write_dicom_seg, write_nifti_labels
+        from pipelines.predict import overlay_figure, summarize
+
+        if fmt == "nifti":
+            path = write_nifti_labels([r.mask for r in results], scan.case.affine if scan.is_3d else np.eye(4),
+                                      folder / "labels.nii.gz", scan.source_affine)
+            return Response(path.read_bytes(), media_type=FORMATS[fmt],
+                            headers={"content-disposition": 'attachment; filename="labels.nii.gz"'})
+        if fmt == "dicom-seg":
+            path = write_dicom_seg([r.mask for r in results], [r.prompt for r in results], scan.case.affine,
+                                   scan.dicom_files, folder / "segmentation.dcm")
+            return Response(path.read_bytes(), media_type=FORMATS[fmt],
+                            headers={"content-disposition": 'attachment; filename="segmentation.dcm"'})
+        if fmt == "png":
+            path = overlay_figure(scan, results, self.cfg, folder / "overlay.png")
+            return Response(path.read_bytes(), media_type=FORMATS[fmt])
+        summary = summarize(scan, results, self.checkpoints[model_id], float(self.cfg.threshold))
+        body = {"model": model_id, "shape": planes_shape(scan, self.prep.axis), "masks": []}
+        for entry, result in zip(summary["prompts"], results, strict=True):
+            body["masks"].append({**entry, "rle": rle_planes(result.mask, scan.is_3d, self.prep.axis)})
+        if preview:
+            body["preview"] = preview_planes(scan, self.prep, results[0].prompt, self.cfg)
+        return JSONResponse(body)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder. ``args``: ``checkpoints`` ({id: directory}, the first is the
+    default), ``settings`` (upload limits; ``inference`` overrides of configs/predict.yaml) and,
+    from ``medsam3 serve``, ``deployment_options`` ({deployment name: options}) taken from the
+    Serve config's ``deployments`` section (``serve run`` applies that section itself)."""
+    from medsam3.model import check_checkpoint
+
+    checkpoints = {str(k): str(v) for k, v in dict(args.get("checkpoints") or {}).items()}
+    if not checkpoints:
+        raise ValueError("serve needs at least one checkpoint (args.checkpoints)")
+    for path in checkpoints.values():
+        check_checkpoint(path)
+    settings = OmegaConf.to_container(OmegaConf.create(args.get("settings") or {}), resolve=True)
+    options = args.get("deployment_options") or {}
+    model = SegmentModel.options(**options.get("SegmentModel", {}))
+    ingress = SegmentAPI.options(**options.get("SegmentAPI", {}))
+    return ingress.bind(model.bind(checkpoints, settings), checkpoints, settings)

@@ -1,0 +1,74 @@
+"""``medsam3 serve``: start (or join) Ray, deploy the app from configs/serve.yaml with the given
+checkpoints, and print the URL and an example request."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from medsam3.config import config_path
+from medsam3.errors import StageError
+
+
+class ServeError(StageError):
+    """A checkpoint or the Serve config cannot be used."""
+
+
+def parse_checkpoints(specs: list[str]) -> dict[str, str]:
+    """``DIR`` or ``NAME=DIR`` → {id: absolute dir}; the first is the default model."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or ("default" if not found else Path(folder).name)
+        if name in found:
+            raise ServeError(f"two checkpoints with the id {name!r}: use NAME=DIR")
+        found[name] = str(Path(folder).absolute())
+    if not found:
+        raise ServeError("give at least one --checkpoint")
+    return found
+
+
+def serve_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The Serve config file (default configs/serve.yaml) as a plain dict."""
+    return OmegaConf.to_container(OmegaConf.load(path or config_path("serve")), resolve=True)
+
+
+def app_args(config: dict[str, Any], checkpoints: dict[str, str]) -> dict[str, Any]:
+    """The application's builder args from a Serve config, with these checkpoints and its
+    `deployments` section passed as options (what `serve run` would apply)."""
+    (application,) = config["applications"]
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in application.get("deployments", [])}
+    return {**application["args"], "checkpoints": checkpoints, "deployment_options": options}
+
+
+def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
+          config_file: str | os.PathLike | None = None, overrides: dict[str, dict] | None = None,
+          settings: dict[str, Any] | None = None) -> str:
+    """Deploy the app and return its URL (Ray and Serve keep running in the background).
+
+    ``overrides`` update deployments' options and ``settings`` the app's settings (tests use them)."""
+    import ray
+    from ray import serve
+
+    from medsam3.model import CheckpointError
+    from serve.app import build_app
+
+    config = serve_config(config_file)
+    args = app_args(config, checkpoints)
+    args["settings"] = {**args.get("settings", {}), **(settings or {})}
+    for name, extra in (overrides or {}).items():
+        args["deployment_options"].setdefault(name, {}).update(extra)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                 num_cpus=None if address else max(os.cpu_count() or 1, 3))
+    serve.start(http_options={"host": host, "port": int(port)})
+    try:
+        app = build_app(args)
+    except CheckpointError as exc:
+        raise ServeError(f"checkpoint: {exc}") from exc
+    (application,) = config["applications"]
+    serve.run(app, name=application["name"], route_prefix=application.get("route_prefix", "/"))
+    return f"http://{host}:{port}"
