@@ -50,6 +50,17 @@ def _flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", json.dumps(value) if isinstance(value, list | dict) else value
 
 
+def box_from_text(text: str) -> list[float]:
+    """``"x0,y0,x1,y1"`` (pixels) → four floats; ValueError naming the text when it is not a box."""
+    try:
+        box = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    return box
+
+
 def select_queries(pred_logits: torch.Tensor, presence_logits: torch.Tensor, threshold: float):
     """(scores (B, Q), keep (B, Q)): a query is kept when score × presence > threshold."""
     scores = pred_logits.sigmoid() * presence_logits.reshape(len(pred_logits), -1)[:, :1].sigmoid()

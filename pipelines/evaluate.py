@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
+from medsam3.io.staging import staged_folder
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
 from medsam3.schema import decode_batch, shard_files, validate_shards
@@ -209,12 +209,7 @@ def _markdown(frame, by: Sequence[str]) -> str:
 
 def write_reports(table, names: list[str], found: dict[str, Path], shards, out_dir, cfg: DictConfig,
                   side: int) -> dict[str, Any]:
-    out = Path(out_dir)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out_dir) as staging:
         table.to_csv(staging / "metrics.csv", index=False)
         by = ["checkpoint", "mode", "dataset", "label", "modality"]
         overall = summary_table(table, ["checkpoint", "mode"])
@@ -235,12 +230,6 @@ def write_reports(table, names: list[str], found: dict[str, Path], shards, out_d
         summary = {"checkpoints": {n: p.name for n, p in found.items()}, "cases": int(table["case_id"].nunique()),
                    "overall": json.loads(overall.to_json(orient="records"))}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     return summary
 
 

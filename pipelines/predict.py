@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from medsam3.errors import StageError
-from medsam3.inference import Preprocessor, PromptResult, Segmenter
+from medsam3.inference import Preprocessor, PromptResult, Segmenter, box_from_text
 from medsam3.io.case import CaseError
 from medsam3.io.scan import Scan, describe, read_scan
+from medsam3.io.staging import staged_folder
 from medsam3.io.write import (
     overlay,
     save_overlay_figure,
@@ -45,12 +45,9 @@ class PredictError(StageError):
 def parse_box(text: str) -> list[float]:
     """``"x0,y0,x1,y1"`` → four floats, checked."""
     try:
-        box = [float(v) for v in text.split(",")]
-    except ValueError:
-        box = []
-    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise PredictError(f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-    return box
+        return box_from_text(text)
+    except ValueError as exc:
+        raise PredictError(str(exc)) from exc
 
 
 def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.PathLike,
@@ -128,19 +125,8 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
     except CaseError as exc:
         raise PredictError(str(exc)) from exc
     results = segmenter.segment(scan.case, prompts, parsed + [None] * (len(prompts) - len(parsed)), progress=progress)
-    out = Path(out_dir)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out_dir) as staging:
         files = write_outputs(scan, results, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     return summary

@@ -15,13 +15,12 @@ from serve.uploads import UploadError
 
 
 def parse_box(text: str) -> list[float]:
+    from medsam3.inference import box_from_text
+
     try:
-        box = [float(v) for v in text.split(",")]
-    except ValueError:
-        box = []
-    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise UploadError(422, f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-    return box
+        return box_from_text(text)
+    except ValueError as exc:
+        raise UploadError(422, str(exc)) from exc
 
 
 def planes_shape(scan, axis: int) -> list[int]:

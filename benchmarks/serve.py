@@ -1,0 +1,85 @@
+"""Benchmark of ``medsam3 serve`` (run: ``python benchmarks/serve.py``).
+
+A local Ray + Serve on loopback with the tiny SAM3 (one model replica, 1 CPU); clients POST a
+real 512×512 CT slice with two prompts. For 1, 8 and 32 concurrent clients it prints requests/s
+and p50/p99 latency with dynamic batching on (up to 16 items per model call) and off (1), and
+the ratios (target: with batching, ≥ 2× the throughput at 32 clients, p99 ≤ 2× the single-client
+latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PNG = ROOT.parent / "shared" / "data" / "sam-med2d-demo" / "images" / "amos_0004_75.png"
+
+
+def load(url: str, clients: int, requests_per_client: int) -> tuple[float, float, float]:
+    import requests
+
+    image = PNG.read_bytes()
+
+    def one(_):
+        started = time.perf_counter()
+        answer = requests.post(f"{url}/v1/segment", files={"file": ("ct.png", image)},
+                               data={"prompt": ["liver", "spleen"]}, timeout=300)
+        answer.raise_for_status()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up round
+        started = time.perf_counter()
+        latencies = sorted(pool.map(one, range(clients * requests_per_client)))
+        elapsed = time.perf_counter() - started
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return len(latencies) / elapsed, statistics.median(latencies), p99
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from benchmarks.inference import tiny_checkpoint
+    from serve.run import start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        table = {}
+        for batching, size in (("on", 16), ("off", 1)):
+            options = {"SegmentModel": {"autoscaling_config": None, "num_replicas": 1,
+                                        "user_config": {"max_batch_size": size, "batch_wait_timeout_s": 0.02}}}
+            url = start({"tiny": str(checkpoint)}, port=port, overrides=options)
+            for clients in (1, 8, 32):
+                table[(batching, clients)] = load(url, clients, args.requests_per_client)
+            serve.delete("medsam3")
+        serve.shutdown()
+        ray.shutdown()
+
+    print("\nserve: tiny SAM3 on CPU, one model replica, a 512² CT slice with 2 prompts per request")
+    print("clients  batching   req/s    p50 (s)   p99 (s)")
+    for (batching, clients), (rate, p50, p99) in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{clients:7d}  {batching:>8}  {rate:6.2f}  {p50:8.3f}  {p99:8.3f}")
+    on32, off32, on1 = table[("on", 32)], table[("off", 32)], table[("on", 1)]
+    print(f"\nthroughput at 32 clients, batching on / off: {on32[0] / off32[0]:.2f}x  (target >= 2x)")
+    print(f"p99 at 32 clients with batching / single-client p50: {on32[2] / on1[1]:.2f}x  (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()
