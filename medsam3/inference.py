@@ -28,7 +28,14 @@ from medsam3.config import load_config
 from medsam3.io.case import Case
 from medsam3.model import check_checkpoint, model_image_size, tokenize
 from medsam3.samples import Intensity
-from medsam3.transforms import display_slice, model_pixels, resize_pad, resized_shape, undisplay_slice
+from medsam3.transforms import (
+    display_slice,
+    model_pixels,
+    resize_pad,
+    resize_square,
+    resized_shape,
+    undisplay_slice,
+)
 from medsam3.vocab import Vocabulary
 
 
@@ -107,6 +114,7 @@ class SliceItem:
     content: tuple[float, float]  # share of the square the plane fills (the rest is padding)
     slice_index: int
     prompt_index: int
+    instances: bool = False  # also return each kept query's mask (2D predict)
 
 
 @dataclass
@@ -126,9 +134,12 @@ def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
 class Preprocessor:
     """Scans → :class:`SliceItem` with ``prepare``'s pixels (needs no model: serve's ingress uses it)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, model_size: int | None = None):
         self.cfg = cfg
         self.square = int(cfg.prepare.image_size)
+        # With the model's input size known, items carry the square already resized to it (the
+        # first step of model_pixels): serve ships these smaller arrays to the model replicas.
+        self.model_size = model_size
         self.axis = int(cfg.prepare.slice_axis)
         self.vocab = Vocabulary.from_file(cfg.prepare.vocabulary, cfg.prepare.extra_labels)
 
@@ -160,7 +171,7 @@ class Preprocessor:
         return prompts, boxes
 
     def items(self, case: Case, prompts: Sequence[str], boxes: Sequence, indices: Sequence[int],
-              intensity: Intensity) -> list[SliceItem]:
+              intensity: Intensity, instances: bool = False) -> list[SliceItem]:
         """Every (slice, prompt) item of the given slices; ``boxes[i]`` is prompt i's
         ``(x0, y0, x1, y1)`` in the plane's pixels or None (a 3D box applies to every slice)."""
         planes = {k: self.plane(case, k) for k in indices}
@@ -171,13 +182,14 @@ class Preprocessor:
         for window in sorted({self.window(p, case.modality) for p in prompts}):
             for k, square in zip(indices, self.plane_squares([planes[k] for k in indices], intensity, window),
                                  strict=True):
-                squares[(k, window)] = square
+                squares[(k, window)] = square if self.model_size is None else resize_square(square, self.model_size)
         items = []
         for k in indices:
             for i, (prompt, box) in enumerate(zip(prompts, boxes, strict=True)):
                 key = (k, self.window(prompt, case.modality))
                 items.append(SliceItem(squares[key], key, prompt, None if box is None else np.asarray(box) * scale,
-                                       (height, width), (new_h / self.square, new_w / self.square), k, i))
+                                       (height, width), (new_h / self.square, new_w / self.square), k, i,
+                                       instances))
         return items
 
     def results(self, case: Case, prompts: Sequence[str], boxes: Sequence, trained: set[str] | None):
@@ -252,13 +264,13 @@ class Segmenter:
         first = {item.square_key: item.square for item in reversed(items)}
         vision = self._vision(np.stack([first[key] for key in keys]))
         vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
-        side = items[0].square.shape[0]
         boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
-        outputs = self._decode(vision, [item.prompt for item in items], boxes, side)
+        # boxes are in the stored square's pixels, whatever size the item's square was shipped at
+        outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep.square)
         answers = []
         for i, item in enumerate(items):  # planes of different requests differ in size: one at a time
             merged, best, each = self.merged_masks(_take(outputs, slice(i, i + 1)), item.out_hw, [item.content],
-                                                   instances=True)
+                                                   instances=item.instances)
             answers.append(SliceAnswer(merged[0], float(best[0]), each[0]))
         return answers
 
@@ -318,7 +330,8 @@ class Segmenter:
 
             starts = tqdm(starts, total=len(starts), unit="batch", desc=f"{count} slice(s)")
         for start in starts:
-            items = self.prep.items(case, prompts, boxes, range(start, min(start + batch, count)), intensity)
+            items = self.prep.items(case, prompts, boxes, range(start, min(start + batch, count)), intensity,
+                                    instances=not case.is_3d)
             self.prep.fill(case, results, items, self.run_items(items))
         return results
 
@@ -333,3 +346,9 @@ def _take(output, index):
         return value
 
     return type(output)(**{key: pick(value) for key, value in output.items()})
+
+
+def checkpoint_image_size(checkpoint: str | os.PathLike) -> int:
+    """The model's square input side, read from a checkpoint's config.json (no weights loaded)."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return int(config["vision_config"]["backbone_config"]["image_size"])

@@ -264,9 +264,10 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
     _check_resources(cfg)
+    from medsam3.inference import checkpoint_image_size
     from medsam3.model import build_tokenizer, preset
 
-    size = preset(cfg.model.preset)["image_size"] if cfg.model.path is None else _checkpoint_size(cfg.model.path)
+    size = preset(cfg.model.preset)["image_size"] if cfg.model.path is None else checkpoint_image_size(cfg.model.path)
     fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
     steps_per_epoch = _steps_per_epoch(shards, cfg)
     # Files in a seeded order mix datasets and cases along the stream; each epoch then shuffles
@@ -338,11 +339,6 @@ def _prompts(shards) -> list[str]:
 
     table = pads.dataset(shard_files(shards), format="parquet").to_table(columns=["prompt"])
     return sorted(set(table.column(0).to_pylist()))
-
-
-def _checkpoint_size(path) -> int:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return int(config["vision_config"]["backbone_config"]["image_size"])
 
 
 def _check_resources(cfg: DictConfig) -> None:

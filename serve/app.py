@@ -99,14 +99,16 @@ api = FastAPI(title="MedSAM3", description="Prompt-driven segmentation of medica
 @serve.ingress(api)
 class SegmentAPI:
     def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any]):
-        from medsam3.inference import Preprocessor, trained_prompts
+        from medsam3.inference import Preprocessor, checkpoint_image_size, trained_prompts
 
         self.model = model
         self.checkpoints = checkpoints
         self.default = next(iter(checkpoints))
         self.settings = settings
         self.cfg = _inference_cfg(settings)
-        self.prep = Preprocessor(self.cfg)
+        sizes = {checkpoint_image_size(path) for path in checkpoints.values()}
+        # items travel at the model's input size when every checkpoint shares it (smaller messages)
+        self.prep = Preprocessor(self.cfg, sizes.pop() if len(sizes) == 1 else None)
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
         self.max_bytes = int(float(settings.get("max_upload_mb", 512)) * 2**20)
         self.max_voxels = int(float(settings.get("max_voxels", 512 * 512 * 1000)))
@@ -230,6 +232,7 @@ class SegmentAPI:
         summary = summarize(scan, results, self.checkpoints[model_id], float(self.cfg.threshold))
         body = {"model": model_id, "shape": planes_shape(scan, self.prep.axis), "masks": []}
         for entry, result in zip(summary["prompts"], results, strict=True):
+            entry.pop("instances", None)  # serve does not compute per-query masks
             body["masks"].append({**entry, "rle": rle_planes(result.mask, scan.is_3d, self.prep.axis)})
         if preview:
             body["preview"] = preview_planes(scan, self.prep, results[0].prompt, self.cfg)
