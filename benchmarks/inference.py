@@ -105,7 +105,7 @@ def main() -> None:
         (tmp / "in" / "lesions").mkdir(parents=True)
         for f in sorted(RECIST.glob("*.npz")):
             shutil.copy(f, tmp / "in" / "lesions")
-        run_prepare(tmp / "in", tmp / "shards", load_config("prepare", ["empty_fraction=0.5"]))
+        run_prepare(tmp / "in", tmp / "shards", load_config("prepare", ["empty_fraction=1.0"]))
         one, two = [], []
         for i in range(args.repeats):
             one.append(evaluate_rate(tmp / "shards", checkpoint, 1, tmp / f"e1_{i}"))

@@ -44,6 +44,25 @@ def load(url: str, clients: int, requests_per_client: int) -> tuple[float, float
     return len(latencies) / elapsed, statistics.median(latencies), p99
 
 
+def model_items_per_s(checkpoint: Path, batch: int, rounds: int = 6) -> float:
+    """The replica's own work: Segmenter.run_items on (slice, prompt) items of different requests."""
+    from medsam3.inference import Preprocessor, Segmenter, checkpoint_image_size, inference_config
+    from medsam3.io.scan import read_scan
+    from medsam3.samples import Intensity
+
+    cfg = inference_config()
+    segmenter = Segmenter(checkpoint, cfg)
+    prep = Preprocessor(cfg, checkpoint_image_size(checkpoint))
+    case = read_scan(PNG).case
+    item = prep.items(case, ["liver"], [None], [0], Intensity(case, cfg.prepare))[0]
+    items = [type(item)(**{**item.__dict__, "square_key": (i,)}) for i in range(batch)]  # distinct requests
+    segmenter.run_items(items)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        segmenter.run_items(items)
+    return batch * rounds / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-client", type=int, default=4)
@@ -72,6 +91,11 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
+        single, batched = model_items_per_s(checkpoint, 1), model_items_per_s(checkpoint, 16)
+    print(f"\nmodel replica alone (Segmenter.run_items): {single:.1f} items/s one at a time, "
+          f"{batched:.1f} items/s in batches of 16 ({batched / single:.2f}x)")
     print("\nserve: tiny SAM3 on CPU, one model replica, a 512² CT slice with 2 prompts per request")
     print("clients  batching   req/s    p50 (s)   p99 (s)")
     for (batching, clients), (rate, p50, p99) in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):

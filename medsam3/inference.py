@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -151,9 +152,12 @@ class Preprocessor:
         """Was the model trained on this prompt (or, for released weights, does the vocabulary know it)?"""
         return prompt in trained if trained is not None else self.vocab.lookup(prompt, modality) is not None
 
-    def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str) -> np.ndarray:
-        """Display-ordered planes → the stored squares ``prepare`` writes for them (B, S, S, 3) uint8."""
-        return np.stack([resize_pad(intensity(p, window), self.square, channels=3) for p in planes])
+    def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str,
+                      channels: int | None = 3) -> np.ndarray:
+        """Display-ordered planes → the stored squares ``prepare`` writes for them (B, S, S, 3) uint8.
+        ``channels=None`` keeps grayscale planes as one band (B, S, S): the model sees the same
+        pixels (see ``model_pixels``) for a third of the copying."""
+        return np.stack([resize_pad(intensity(p, window), self.square, channels=channels) for p in planes])
 
     def num_slices(self, case: Case) -> int:
         return case.image.shape[self.axis] if case.is_3d else 1
@@ -180,8 +184,8 @@ class Preprocessor:
         scale = np.array([new_w / width, new_h / height] * 2)
         squares = {}
         for window in sorted({self.window(p, case.modality) for p in prompts}):
-            for k, square in zip(indices, self.plane_squares([planes[k] for k in indices], intensity, window),
-                                 strict=True):
+            squared = self.plane_squares([planes[k] for k in indices], intensity, window, channels=None)
+            for k, square in zip(indices, squared, strict=True):
                 squares[(k, window)] = square if self.model_size is None else resize_square(square, self.model_size)
         items = []
         for k in indices:
@@ -267,11 +271,17 @@ class Segmenter:
         boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
         # boxes are in the stored square's pixels, whatever size the item's square was shipped at
         outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep.square)
-        answers = []
-        for i, item in enumerate(items):  # planes of different requests differ in size: one at a time
-            merged, best, each = self.merged_masks(_take(outputs, slice(i, i + 1)), item.out_hw, [item.content],
-                                                   instances=item.instances)
-            answers.append(SliceAnswer(merged[0], float(best[0]), each[0]))
+        answers: list[SliceAnswer | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}  # items whose planes share a size map back together
+        for i, item in enumerate(items):
+            groups.setdefault((item.out_hw, item.content, item.instances), []).append(i)
+        for (out_hw, content, instances), picked in groups.items():
+            index = torch.tensor(picked, device=self.device)
+            chosen = SimpleNamespace(pred_logits=outputs.pred_logits[index], pred_masks=outputs.pred_masks[index],
+                                     presence_logits=outputs.presence_logits[index])
+            merged, best, each = self.merged_masks(chosen, out_hw, [content] * len(picked), instances)
+            for j, i in enumerate(picked):
+                answers[i] = SliceAnswer(merged[j], float(best[j]), each[j])
         return answers
 
     def _decode(self, vision, prompts: list[str], boxes: np.ndarray | None, side: int):

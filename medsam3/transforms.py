@@ -147,7 +147,9 @@ def resize_square(array: np.ndarray, size: int, nearest: bool = False) -> np.nda
 
 
 def model_pixels(square: np.ndarray, size: int) -> np.ndarray:
-    """A stored RGB uint8 square → SAM3's input: float32 (3, size, size) scaled to [-1, 1]
+    """A stored RGB (or grayscale) uint8 square → SAM3's input: float32 (3, size, size) in [-1, 1]
     (SAM3's mean and std are 0.5). Training, evaluation, predict and serve all call this."""
     image = resize_square(np.ascontiguousarray(square), size)
+    if image.ndim == 2:  # a grayscale square: resizing one band equals resizing three equal ones
+        image = image[:, :, None].repeat(3, axis=2)
     return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from medsam3.cli import main
-from medsam3.inference import Segmenter, inference_config, masks_to_grid
+from medsam3.inference import Preprocessor, Segmenter, inference_config, masks_to_grid
 from medsam3.io.dicom import read_series, scan_series
 from medsam3.io.scan import read_scan
 from medsam3.metrics import dice
 from medsam3.samples import Intensity
 from medsam3.schema import decode_batch, shard_files
-from medsam3.transforms import display_slice, resize_pad, resized_shape
+from medsam3.transforms import display_slice, model_pixels, resize_pad, resized_shape
 from pipelines.predict import PredictError, run_predict
 from tests.builders import RECIST, SAMMED2D, load_recist, reorient, uint8_to_hu, write_ct_series
 
@@ -91,6 +91,13 @@ def test_inference_builds_the_pixels_prepare_stores(tiny_checkpoint, tmp_path):
     planes = [display_slice(case.image, 2, int(k)) for k in rows["slice_index"]]
     squares = segmenter.plane_squares(planes, intensity, segmenter.window("lesion", case.modality))
     assert len(squares) >= 3 and np.array_equal(squares, rows["image"])
+    # the items the model runs on (grayscale bands, or already at the model's size) give the
+    # model exactly the pixels of the stored squares
+    for size in (None, segmenter.size):
+        prep = Preprocessor(segmenter.cfg, size)
+        items = prep.items(case, ["lesion"], [None], [int(k) for k in rows["slice_index"]], intensity)
+        for item, stored in zip(items, rows["image"], strict=True):
+            assert np.array_equal(model_pixels(item.square, segmenter.size), model_pixels(stored, segmenter.size))
 
 
 def test_nifti_output_keeps_the_input_affine_in_any_orientation(tiny_checkpoint, tmp_path):
