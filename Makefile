@@ -23,10 +23,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Until training lands: make the synthetic phantom dataset and prepare it into shards.
+# The whole pipeline on the synthetic phantom, no GPU, no downloads: dvc repro runs phantom →
+# prepare → train (tiny, 2 workers) → export → evaluate; then the metrics, then the endpoint
+# (Ctrl-C stops it; the batch part before it needs no interaction).
 demo: install
-	$(BIN)/medsam3 phantom data/phantom
-	$(BIN)/medsam3 prepare data/phantom data/shards --params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+	sed -n '/## Overall/,/^## [^O]/p' reports/demo/report.md | head -n -1
+	$(BIN)/medsam3 serve --checkpoint demo=models/demo
 
 # The DVC pipeline (dvc.yaml): phantom → prepare, re-run only where inputs, params or code changed.
 repro: install

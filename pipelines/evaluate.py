@@ -230,6 +230,12 @@ def write_reports(table, names: list[str], found: dict[str, Path], shards, out_d
         summary = {"checkpoints": {n: p.name for n, p in found.items()}, "cases": int(table["case_id"].nunique()),
                    "overall": json.loads(overall.to_json(orient="records"))}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+        # flat means per checkpoint and mode, for `dvc metrics show / diff`
+        flat: dict[str, dict] = {}
+        for _, row in overall.iterrows():
+            means = {m: None if math.isnan(row[m]) else round(float(row[m]), 5) for m in METRICS}
+            flat.setdefault(row["checkpoint"], {})[row["mode"]] = means
+        (staging / "metrics.json").write_text(json.dumps(flat, indent=1))
     return summary
 
 

@@ -369,6 +369,11 @@ def plot_curves(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # the same curves as CSV for `dvc plots show` (one row per step; last record of a redone step)
+    by_step = {r["step"]: r for r in records}
+    columns = ["step", "loss", "train_dice", "val_dice", "lr", "samples_per_s"]
+    lines = [",".join(columns)] + [",".join(str(by_step[k].get(c, "")) for c in columns) for k in sorted(by_step)]
+    (Path(run_dir) / "curves.csv").write_text("\n".join(lines) + "\n")
     steps = [r["step"] for r in records]
     terms = [k for k in records[-1] if k not in ("step", "epoch", "lr", "samples_per_s", "val_dice", "train_dice",
                                                  "step_s", "data_wait_s", "samples")]
