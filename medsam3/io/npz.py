@@ -82,3 +82,18 @@ def npz_affine(spacing: np.ndarray | None) -> tuple[np.ndarray, tuple[float, flo
 def to_canonical(imgs: np.ndarray) -> np.ndarray:
     """(z, y, x) LPS-ordered array → RAS+ canonical (x, y, z), as views (no copy)."""
     return imgs.transpose(2, 1, 0)[::-1, ::-1, :]
+
+
+def npz_geometry(data: dict[str, Any], two_d: bool, where: str):
+    """``(spacing, affine)`` of an NPZ's ``imgs``: 2D → ((row, col, 1), None); 3D (D, H, W) →
+    the canonical zooms and RAS affine. Errors name ``where``."""
+    imgs = data["imgs"]
+    if two_d:
+        return tuple(float(s) for s in data.get("spacing", (1.0, 1.0))[:2]) + (1.0,), None
+    if imgs.ndim != 3:
+        raise CaseError(f"{where}: imgs must be (D, H, W) or a 2D image, got shape {imgs.shape}")
+    try:
+        affine, zooms = npz_affine(data.get("spacing"))
+    except CaseError as exc:
+        raise CaseError(f"{where}: {exc}") from exc
+    return zooms, affine

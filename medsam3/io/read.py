@@ -11,7 +11,7 @@ from medsam3.io.case import Case, CaseError, CaseRef, sha256_file
 from medsam3.io.dicom import pack_layers, read_series
 from medsam3.io.image2d import read_binary_mask, read_image, target_of
 from medsam3.io.nifti import load_canonical, load_label_map
-from medsam3.io.npz import load_npz, npz_affine, to_canonical
+from medsam3.io.npz import load_npz, npz_geometry, to_canonical
 
 
 def read_case(ref: CaseRef, cfg: Any) -> Case:
@@ -72,17 +72,11 @@ def _npz(ref: CaseRef, root: Path, cfg: Any) -> Case:
     spatial = imgs.shape[:2] if two_d else imgs.shape
     if gts.shape != spatial:
         raise CaseError(f"{where}: gts shape {gts.shape} differs from imgs shape {imgs.shape}")
+    spacing, affine = npz_geometry(data, two_d, where)
     if two_d:
-        spacing = tuple(float(s) for s in data.get("spacing", (1.0, 1.0))[:2]) + (1.0,)
         return Case(ref.case_id, ref.dataset, ref.modality, imgs, [gts], names, spacing, None, prompts=prompts)
-    if imgs.ndim != 3:
-        raise CaseError(f"{where}: imgs must be (D, H, W) or a 2D image, got shape {imgs.shape}")
-    try:
-        affine, zooms = npz_affine(data.get("spacing"))
-    except CaseError as exc:
-        raise CaseError(f"{where}: {exc}") from exc
     return Case(ref.case_id, ref.dataset, ref.modality, to_canonical(imgs), [to_canonical(gts)], names,
-                zooms, affine, prompts=prompts)
+                spacing, affine, prompts=prompts)
 
 
 def _sam_med2d(ref: CaseRef, root: Path, cfg: Any) -> Case:

@@ -20,7 +20,7 @@ from medsam3.io.case import Case, CaseError
 from medsam3.io.dicom import read_series, scan_series
 from medsam3.io.image2d import read_image
 from medsam3.io.nifti import load_canonical
-from medsam3.io.npz import load_npz, npz_affine, to_canonical
+from medsam3.io.npz import load_npz, npz_geometry, to_canonical
 from medsam3.transforms import normalize_modality
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -88,16 +88,10 @@ def read_scan(path: str | os.PathLike, modality: str | None = None, channel: int
         imgs = data["imgs"]
         prefix = normalize_modality(stem.split("_")[0])
         found = forced or (prefix if prefix in ("CT", "MR", "PET", "US", "XR") else "UNKNOWN")
-        if imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[-1] == 3):
-            spacing = tuple(float(s) for s in data.get("spacing", (1.0, 1.0))[:2]) + (1.0,)
-            return Scan(Case(stem, "predict", found, imgs, [], {}, spacing, None), kind, stem)
-        if imgs.ndim != 3:
-            raise CaseError(f"{path.name}: imgs must be (D, H, W) or a 2D image, got shape {imgs.shape}")
-        try:
-            affine, zooms = npz_affine(data.get("spacing"))
-        except CaseError as exc:
-            raise CaseError(f"{path.name}: {exc}") from exc
-        return Scan(Case(stem, "predict", found, to_canonical(imgs), [], {}, zooms, affine), kind, stem)
+        two_d = imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[-1] == 3)
+        spacing, affine = npz_geometry(data, two_d, path.name)
+        image = imgs if two_d else to_canonical(imgs)
+        return Scan(Case(stem, "predict", found, image, [], {}, spacing, affine), kind, stem)
     groups, _ = scan_series(path)
     if len(groups) != 1:
         raise CaseError(f"{path.name}: expected one DICOM image series, found {len(groups)}")
