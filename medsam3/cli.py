@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from medsam3.config import ConfigError, config_path, load_config
 from medsam3.errors import StageError
@@ -51,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("run_dir", metavar="RUN_DIR")
     _add_common(train)
 
-    export = sub.add_parser("export", help="consolidate a run's latest ZeRO-3 checkpoint into a Hugging Face dir")
+    export = sub.add_parser("export", help="consolidate a run's latest ZeRO-3 checkpoint into a Hugging Face dir",
+                            epilog=_stage_help("storage"), formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="storage.* settings (see below)")
 
     predict = sub.add_parser(
         "predict",
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             from pipelines.train import export_run
 
+            load_config("export", args.overrides)
             print(f"exported to {export_run(args.run_dir, args.out_dir)}")
         elif args.command == "predict":
             from medsam3.inference import inference_config
@@ -150,8 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = inference_config(args.overrides, args.config, args.params, stage="evaluate")
             run_evaluate(args.shards, args.checkpoint, args.out, cfg, address=args.address)
-            print((Path(args.out) / "report.md").read_text().split("\n## ", 2)[1].split("\n", 1)[1])
-            print(f"report: {Path(args.out) / 'report.md'}")
+            from medsam3.io import storage
+
+            report = storage.join(args.out, "report.md")
+            print(storage.read_text(report).split("\n## ", 2)[1].split("\n", 1)[1])
+            print(f"report: {report}")
         elif args.command == "serve":
             from serve.run import parse_checkpoints, start
 

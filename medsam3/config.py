@@ -38,7 +38,9 @@ def load_config(
     Unknown keys are refused so that a typo fails loudly; mappings that are empty in the built-in
     file (user vocabularies, per-label overrides) are open and take any key.
     """
-    base = OmegaConf.load(config_path(stage))
+    base = OmegaConf.load(config_path(stage)) or OmegaConf.create()
+    if stage != "storage":  # every stage shares the s3:// settings of configs/storage.yaml
+        base.storage = OmegaConf.load(config_path("storage"))
     OmegaConf.set_struct(base, True)
     _open_empty_maps(base)
     layers: list[DictConfig] = []
@@ -58,6 +60,10 @@ def load_config(
     except Exception as exc:  # omegaconf raises several error types; one message for the user
         raise ConfigError(f"invalid {stage} config: {exc}") from exc
     OmegaConf.set_struct(cfg, False)
+    if "storage" in cfg:
+        from medsam3.io import storage
+
+        storage.configure(cfg.storage)
     return cfg
 
 

@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.config import load_config
+from medsam3.io import storage
 from medsam3.io.case import Case
 from medsam3.model import check_checkpoint, model_image_size, tokenize
 from medsam3.samples import Intensity
@@ -127,7 +127,7 @@ class SliceAnswer:
 
 def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
     """The prompts an exported run was trained on (``medsam3_export.json``), or None."""
-    export = Path(checkpoint) / "medsam3_export.json"
+    export = storage.local_copy(checkpoint) / "medsam3_export.json"
     prompts = json.loads(export.read_text()).get("prompts") if export.is_file() else None
     return set(prompts) if prompts else None
 
@@ -227,8 +227,8 @@ class Segmenter:
         from medsam3.ops import enable_box_prompts
 
         self.cfg = cfg if cfg is not None else inference_config()
-        check_checkpoint(checkpoint)
-        self.checkpoint = Path(checkpoint)
+        checkpoint = check_checkpoint(checkpoint)  # local (an s3:// one is fetched into the cache)
+        self.checkpoint = checkpoint
         enable_box_prompts()
         hf_logging.disable_progress_bar()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -360,5 +360,5 @@ def _take(output, index):
 
 def checkpoint_image_size(checkpoint: str | os.PathLike) -> int:
     """The model's square input side, read from a checkpoint's config.json (no weights loaded)."""
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    config = json.loads((storage.local_copy(checkpoint) / "config.json").read_text())
     return int(config["vision_config"]["backbone_config"]["image_size"])

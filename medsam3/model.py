@@ -40,8 +40,7 @@ def preset(name: str) -> dict[str, Any]:
 def build_model(preset_name: str | None = None, path: str | os.PathLike | None = None) -> Sam3Model:
     """A SAM3 model from a local checkpoint directory, or with random weights from a preset."""
     if path is not None:
-        check_checkpoint(path)
-        return Sam3Model.from_pretrained(os.fspath(path), local_files_only=True)
+        return Sam3Model.from_pretrained(os.fspath(check_checkpoint(path)), local_files_only=True)
     spec = preset(preset_name or "tiny")
     return Sam3Model(Sam3Config(**spec["config"]))
 
@@ -51,9 +50,15 @@ def model_image_size(model: Sam3Model) -> int:
     return int(model.config.vision_config.backbone_config.image_size)
 
 
-def check_checkpoint(path: str | os.PathLike) -> None:
-    """Refuse a directory that is not a SAM3 checkpoint, with the reason."""
-    folder = Path(path)
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """The local directory of a SAM3 checkpoint (an ``s3://`` one is fetched into the cache);
+    a directory that is not one is refused with the reason."""
+    from medsam3.io import storage
+
+    try:
+        folder = storage.local_copy(path)
+    except (OSError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     config = folder / "config.json"
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
@@ -64,6 +69,7 @@ def check_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}, not 'sam3'")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder}: no weights (*.safetensors)")
+    return folder
 
 
 def write_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

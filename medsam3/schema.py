@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+
+from medsam3.io import storage
 
 SCHEMA_VERSION = 1
 
@@ -155,17 +157,32 @@ def _widen(arrow_type: pa.DataType) -> pa.DataType:
 
 
 def shard_files(folder: str | os.PathLike) -> list[str]:
-    """The Parquet files of a shard folder, in order (the folder also holds JSON files)."""
-    return [str(f) for f in sorted(Path(folder).glob("*.parquet"))]
+    """The Parquet files of a shard folder (local path or ``s3://`` URI), in order."""
+    fs, inner = storage.filesystem(folder)
+    found = sorted(p for p in fs.glob(f"{inner.rstrip('/')}/*.parquet"))
+    return [storage.join(folder, p.rsplit("/", 1)[-1]) for p in found]
+
+
+def arrow_source(files: list[str]) -> tuple[list[str], Any]:
+    """(paths, pyarrow filesystem) for reading shard files with pyarrow or Ray Data."""
+    if not files:
+        return [], None
+    fs, _ = storage.arrow_filesystem(files[0])
+    return [storage.arrow_filesystem(f)[1] for f in files], fs
+
+
+def shard_dataset(files: list[str]) -> pads.Dataset:
+    """A pyarrow dataset over shard files (local or remote)."""
+    paths, fs = arrow_source(files)
+    return pads.dataset(paths, format="parquet", filesystem=fs)
 
 
 def validate_shards(folder: str | os.PathLike) -> dict:
     """Check a shard folder (manifest, schema, non-empty) and return its manifest."""
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
+    manifest_path = storage.join(folder, "manifest.json")
+    if not storage.is_file(manifest_path):
         raise ShardSchemaError(f"{folder}: no manifest.json; not a folder written by `medsam3 prepare`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(storage.read_text(manifest_path))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardSchemaError(
             f"{folder}: shard schema version {manifest.get('schema_version')} (this code reads {SCHEMA_VERSION})"
@@ -173,7 +190,7 @@ def validate_shards(folder: str | os.PathLike) -> dict:
     files = shard_files(folder)
     if not files:
         raise ShardSchemaError(f"{folder}: no Parquet shards")
-    dataset = pads.dataset(files, format="parquet")
+    dataset = shard_dataset(files)
     problems = schema_problems(dataset.schema)
     if problems:
         raise ShardSchemaError(f"{folder}: not prepare's shard schema: {'; '.join(problems)}")

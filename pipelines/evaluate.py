@@ -27,10 +27,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
-from medsam3.io.staging import staged_folder
+from medsam3.io import storage
+from medsam3.io.storage import staged_output
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
-from medsam3.schema import decode_batch, shard_files, validate_shards
+from medsam3.schema import arrow_source, decode_batch, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
 
 KEYS = ["checkpoint", "mode", "dataset", "modality", "label", "prompt", "case_id"]
@@ -41,13 +42,14 @@ class EvaluateError(StageError):
     """Bad shards, a checkpoint that is not SAM3, or an unknown option."""
 
 
-def parse_checkpoints(specs: Sequence[str]) -> dict[str, Path]:
-    """``DIR`` or ``NAME=DIR`` → {name: dir}; names default to the folder names and must differ."""
-    found: dict[str, Path] = {}
+def parse_checkpoints(specs: Sequence[str]) -> dict[str, str]:
+    """``DIR`` or ``NAME=DIR`` → {name: dir or s3:// URI}; names default to the folder names and
+    must differ."""
+    found: dict[str, str] = {}
     for spec in specs:
-        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = Path(folder)
-        name = name or path.name
+        name, _, folder = spec.rpartition("=") if "=" in spec and "://" not in spec.split("=")[0] else ("", "", spec)
+        path = folder if storage.is_remote(folder) else str(Path(folder).absolute())
+        name = name or storage.name(path)
         try:
             check_checkpoint(path)
         except CheckpointError as exc:
@@ -71,6 +73,7 @@ class Predictor:
         from medsam3.inference import Segmenter
 
         torch.set_num_threads(max(1, threads))
+        storage.configure(cfg.get("storage"))
         self.segmenter = Segmenter(checkpoint, OmegaConf.create(cfg))
         self.modes = list(cfg["modes"])
 
@@ -148,7 +151,8 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     except ValueError as exc:
         raise EvaluateError(str(exc)) from exc
     files = shard_files(shards)
-    side = _stored_side(files[0])
+    paths, filesystem = arrow_source(files)
+    side = _stored_side(paths[0], filesystem)
     if not ray.is_initialized():
         needed = int(cfg.num_actors) * float(cfg.cpus_per_actor) + 1
         ray.init(address=address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
@@ -156,8 +160,8 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     plain = OmegaConf.to_container(cfg, resolve=True)
     frames = []
     for name, folder in found.items():
-        rows = ray.data.read_parquet(files).map_batches(
-            Predictor, fn_constructor_kwargs={"checkpoint": str(folder.absolute()), "cfg": plain,
+        rows = ray.data.read_parquet(paths, filesystem=filesystem).map_batches(
+            Predictor, fn_constructor_kwargs={"checkpoint": folder, "cfg": plain,
                                               "threads": int(cfg.cpus_per_actor)},
             batch_size=int(cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
             num_cpus=float(cfg.cpus_per_actor), num_gpus=1 if cfg.use_gpu else 0)
@@ -170,10 +174,11 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     return write_reports(table, list(found), found, shards, out_dir, cfg, side)
 
 
-def _stored_side(file: str) -> int:
+def _stored_side(file: str, filesystem) -> int:
     import pyarrow.parquet as pq
 
-    first = pq.ParquetFile(file).read_row_group(0, columns=["mask"]).column(0)[0].as_py()
+    with filesystem.open_input_file(file) as f:
+        first = pq.ParquetFile(f).read_row_group(0, columns=["mask"]).column(0)[0].as_py()
     return int(round(math.sqrt(len(first))))
 
 
@@ -207,14 +212,14 @@ def _markdown(frame, by: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(table, names: list[str], found: dict[str, Path], shards, out_dir, cfg: DictConfig,
+def write_reports(table, names: list[str], found: dict[str, str], shards, out_dir, cfg: DictConfig,
                   side: int) -> dict[str, Any]:
-    with staged_folder(out_dir) as staging:
+    with staged_output(out_dir) as staging:
         table.to_csv(staging / "metrics.csv", index=False)
         by = ["checkpoint", "mode", "dataset", "label", "modality"]
         overall = summary_table(table, ["checkpoint", "mode"])
         lines = [f"# Evaluation of {', '.join(names)}", "",
-                 f"Shards: `{Path(shards).name}`; NSD tolerance {cfg.tolerance_mm} mm; query threshold "
+                 f"Shards: `{storage.name(shards)}`; NSD tolerance {cfg.tolerance_mm} mm; query threshold "
                  f"{cfg.threshold}. Mean ± std over cases (3D cases are scored as volumes); HD95 over "
                  "finite values, the number of infinite ones (one mask empty) in brackets.", "",
                  "## Overall", "", _markdown(overall, ["checkpoint", "mode"]), ""]
@@ -227,7 +232,8 @@ def write_reports(table, names: list[str], found: dict[str, Path], shards, out_d
             lines += ["## Gallery (best and worst cases per dataset, text prompts)", ""]
             lines += [f"![{g}](gallery/{g})" for g in gallery] + [""]
         (staging / "report.md").write_text("\n".join(lines))
-        summary = {"checkpoints": {n: p.name for n, p in found.items()}, "cases": int(table["case_id"].nunique()),
+        summary = {"checkpoints": {n: storage.name(p) for n, p in found.items()},
+                   "cases": int(table["case_id"].nunique()),
                    "overall": json.loads(overall.to_json(orient="records"))}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         # flat means per checkpoint and mode, for `dvc metrics show / diff`
@@ -249,7 +255,7 @@ def _side_by_side(table, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_gallery(table, found: dict[str, Path], shards, out: Path, cfg: DictConfig, side: int) -> list[str]:
+def write_gallery(table, found: dict[str, str], shards, out: Path, cfg: DictConfig, side: int) -> list[str]:
     """Best and worst cases per dataset (text mode, first checkpoint): image, truth and prediction
     on the case's slice with the most ground truth. Predictions are recomputed for those slices."""
     import pyarrow.dataset as pads
@@ -263,7 +269,7 @@ def write_gallery(table, found: dict[str, Path], shards, out: Path, cfg: DictCon
     if count <= 0 or text.empty:
         return []
     segmenter = Segmenter(found[name], cfg)
-    data = pads.dataset(shard_files(shards), format="parquet")
+    data = shard_dataset(shard_files(shards))
     (out / "gallery").mkdir()
     written = []
     for dataset, part in text.groupby("dataset", sort=True):

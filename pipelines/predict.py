@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 
 from medsam3.errors import StageError
 from medsam3.inference import Preprocessor, PromptResult, Segmenter, box_from_text
+from medsam3.io import storage
 from medsam3.io.case import CaseError
 from medsam3.io.scan import Scan, describe, read_scan
-from medsam3.io.staging import staged_folder
+from medsam3.io.storage import staged_output
 from medsam3.io.write import (
     overlay,
     save_overlay_figure,
@@ -67,7 +68,7 @@ def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.
         if not result.in_vocabulary:
             entry["warning"] = "prompt not seen in training: the result may be unreliable"
         prompts.append(entry)
-    return {"input": describe(scan), "checkpoint": Path(checkpoint).name, "threshold": threshold, "prompts": prompts}
+    return {"input": describe(scan), "checkpoint": storage.name(checkpoint), "threshold": threshold, "prompts": prompts}
 
 
 def overlay_figure(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, path: Path) -> Path:
@@ -121,11 +122,11 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
     except CheckpointError as exc:
         raise PredictError(f"checkpoint: {exc}") from exc
     try:
-        scan = read_scan(input_path, cfg.modality, cfg.channel, bool(cfg.allow_pickle))
+        scan = read_scan(storage.local_copy(input_path), cfg.modality, cfg.channel, bool(cfg.allow_pickle))
     except CaseError as exc:
         raise PredictError(str(exc)) from exc
     results = segmenter.segment(scan.case, prompts, parsed + [None] * (len(prompts) - len(parsed)), progress=progress)
-    with staged_folder(out_dir) as staging:
+    with staged_output(out_dir) as staging:
         files = write_outputs(scan, results, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
