@@ -11,7 +11,9 @@ from medsam3.errors import StageError
 
 
 def _stage_help(stage: str) -> str:
-    return f"options (key=value, defaults from {config_path(stage).name}):\n\n" + config_path(stage).read_text()
+    text = f"options (key=value, defaults from {config_path(stage).name}):\n\n" + config_path(stage).read_text()
+    shared = "".join(f"  {line}".rstrip() + "\n" for line in config_path("storage").read_text().splitlines())
+    return text + "\n# s3:// settings, shared by every stage (configs/storage.yaml):\nstorage:\n" + shared
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
 
     export = sub.add_parser("export", help="consolidate a run's latest ZeRO-3 checkpoint into a Hugging Face dir",
-                            epilog=_stage_help("storage"), formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=_stage_help("export"), formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("overrides", nargs="*", metavar="key=value", help="storage.* settings (see below)")

@@ -7,13 +7,15 @@ The recipe, top to bottom (the canonical Ray + DeepSpeed loop):
    DeepSpeed ZeRO-3 engine; restore the latest checkpoint if the run already has one;
 3. stream the worker's shard, match and compute the losses, step; every N steps each rank saves
    its ZeRO-3 shard and all report one ``ray.train.Checkpoint``;
-4. rank 0 logs every loss term, the learning rate and samples/s to ``metrics.jsonl`` and the
-   console, validation Dice every K steps, and plots the curves at the end.
-A run started again with the same RUN_DIR resumes from its latest checkpoint.
+4. rank 0 reports every loss term, the learning rate and samples/s (validation Dice every K
+   steps); the driver's node logs them to ``metrics.jsonl`` and the console, and plots the curves.
+A run started again with the same RUN_DIR resumes from its latest checkpoint. RUN_DIR may be an
+``s3://`` URI: Ray Train keeps checkpoints there, and the logs are uploaded at each checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,7 +29,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
-from medsam3.schema import shard_files, validate_shards
+from medsam3.io import storage
+from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.train_data import in_validation
 
 TRAINER_STATE = "trainer_state.json"
@@ -67,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pipelines.train_data import collate
 
     cfg = OmegaConf.create(config["cfg"])
+    storage.configure(cfg.get("storage"))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed = int(cfg.train.seed)
@@ -77,7 +81,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model.preset, cfg.model.path)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])  # saved once by the driver
+    with tempfile.TemporaryDirectory() as folder:  # the driver's tokenizer, shipped as bytes to any node
+        for file, data in config["tokenizer_files"].items():
+            Path(folder, file).write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -154,8 +161,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
-            if rank == 0:
-                log_metrics(Path(config["run_dir"]), metrics)
             waited_from = time.perf_counter()
             if step >= int(cfg.train.max_steps):
                 break
@@ -169,8 +174,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         probe = probe_inputs(tokenizer, int(config["image_size"]))
         out = engine(**{k: v.to(device) for k, v in probe.items()})
     if rank == 0:
-        torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()},
-                   Path(config["run_dir"]) / "probe_outputs.pt")
+        buffer = io.BytesIO()
+        torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()}, buffer)
+        storage.write_bytes(storage.join(config["run_dir"], "probe_outputs.pt"), buffer.getvalue())
 
 
 def _gather_sample_ids(batch, world: int) -> list[str]:
@@ -237,13 +243,59 @@ def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def log_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "a") as f:
+def log_metrics(log_dir: Path, metrics: dict[str, Any]) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in metrics.items() if k != "samples")
     print(shown, flush=True)
+
+
+# Files the driver keeps beside the checkpoints (a remote run's local working copy holds these).
+RUN_FILES = ("train_config.yaml", "prompts.json", "metrics.jsonl", "curves.csv", "curves.png")
+
+
+def _metrics_logger(log_dir: Path, run_dir: str):
+    """A Ray Train callback (it runs in the controller, on the driver's node): rank 0's metrics
+    to ``metrics.jsonl`` and the console; a remote run's files are uploaded at each checkpoint."""
+    from ray.train import UserCallback
+
+    class MetricsLogger(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            log_metrics(log_dir, metrics[0])
+            if checkpoint is not None and storage.is_remote(run_dir):
+                sync_run_files(log_dir, run_dir)
+
+    return MetricsLogger()
+
+
+def sync_run_files(log_dir: Path, run_dir: str) -> None:
+    """Upload the driver's run files (logs, curves, tokenizer) to a remote run folder."""
+    fs, inner = storage.filesystem(run_dir)
+    for file in [*(log_dir / f for f in RUN_FILES), *sorted((log_dir / "tokenizer").glob("*"))]:
+        if file.is_file():
+            fs.put_file(os.fspath(file), f"{inner}/{file.relative_to(log_dir).as_posix()}")
+
+
+def working_dir(run_dir: str) -> Path:
+    """Where the driver writes the run's own files: RUN_DIR itself, or for an ``s3://`` run a
+    local copy of those files (fetched from the run when it is resumed)."""
+    if not storage.is_remote(run_dir):
+        return Path(run_dir)
+    import hashlib
+
+    key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+    local = Path(storage.settings()["cache_dir"]).expanduser() / "runs" / key
+    remote = [f for f in storage.listing(run_dir) if f in RUN_FILES or f.startswith("tokenizer/")]
+    if local.exists():
+        import shutil
+
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    if remote:
+        storage.download(run_dir, local, remote)
+    return local
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -257,7 +309,8 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     from pipelines.train_data import eval_transform, swap_sides, train_transform
 
     manifest = validate_shards(shards)  # before any worker starts
-    run_dir = Path(run_dir).absolute()
+    run_dir = os.fspath(run_dir) if storage.is_remote(run_dir) else os.fspath(Path(run_dir).absolute())
+    log_dir = working_dir(run_dir)
     if not ray.is_initialized():
         # a local Ray gets a logical CPU for the data pipeline beside the training workers
         local_cpus = None if address else max(os.cpu_count() or 1, _cpus_needed(cfg))
@@ -273,37 +326,44 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     # Files in a seeded order mix datasets and cases along the stream; each epoch then shuffles
     # it further in the workers' seeded buffers. The order is the same in every run with this seed.
     files = shard_files(shards)
-    rows = ray.data.read_parquet([files[i] for i in np.random.default_rng(seed).permutation(len(files))])
+    paths, filesystem = arrow_source([files[i] for i in np.random.default_rng(seed).permutation(len(files))])
+    rows = ray.data.read_parquet(paths, filesystem=filesystem)
     train = rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))
     datasets = {"train": train.map(train_transform, fn_kwargs={"size": size, "cfg": dict(cfg.train)})}
     if cfg.train.val_every:
         val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "train_config.yaml")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, log_dir / "train_config.yaml")
     # the prompts the model is trained on (flips swap sides), so inference can flag unseen ones
     trained = set(_prompts(shards))
     if float(cfg.train.flip_prob) > 0:
         trained |= {swap_sides(p) for p in trained}
-    prompts_file = run_dir / "prompts.json"
+    prompts_file = log_dir / "prompts.json"
     seen = set(json.loads(prompts_file.read_text())) if prompts_file.is_file() else set()
     prompts_file.write_text(json.dumps(sorted(trained | seen), indent=1))
-    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer_dir = log_dir / "tokenizer"
     if not tokenizer_dir.is_dir():  # a resumed run keeps the tokenizer it started with
         prompts = sorted({c["label"] for c in manifest["counts"]} | set(_prompts(shards)))
-        build_tokenizer(cfg.model.path, cfg.model.bpe_path, prompts, run_dir).save_pretrained(tokenizer_dir)
+        build_tokenizer(cfg.model.path, cfg.model.bpe_path, prompts, log_dir).save_pretrained(tokenizer_dir)
+    if storage.is_remote(run_dir):
+        sync_run_files(log_dir, run_dir)
+    # Ray Train writes checkpoints to <storage_path>/<name>: RUN_DIR's parent, on its filesystem
+    storage_fs, storage_path = storage.arrow_filesystem(storage.parent(run_dir))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "tokenizer_dir": str(tokenizer_dir), "image_size": size,
-                           "steps_per_epoch": steps_per_epoch},
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": run_dir,
+                           "tokenizer_files": {f.name: f.read_bytes() for f in tokenizer_dir.iterdir() if f.is_file()},
+                           "image_size": size, "steps_per_epoch": steps_per_epoch},
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(cfg.train.num_workers), use_gpu=bool(cfg.train.use_gpu),
             resources_per_worker={"CPU": float(cfg.train.cpus_per_worker)},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name or run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=cfg.train.run_name or storage.name(run_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs if storage.is_remote(run_dir) else None,
+            callbacks=[_metrics_logger(log_dir, run_dir)],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(cfg.train.num_to_keep)),
             failure_config=ray.train.FailureConfig(max_failures=int(cfg.train.max_failures)),
         ),
@@ -315,15 +375,16 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     except ray.train.TrainingFailedError as exc:  # retries (FailureConfig) exhausted
         raise TrainError(f"training failed: {exc}") from exc
     finally:
-        plot_curves(run_dir)
+        plot_curves(log_dir)
+        if storage.is_remote(run_dir):
+            sync_run_files(log_dir, run_dir)
     return result
 
 
 def _steps_per_epoch(shards, cfg: DictConfig) -> int:
     """Ray Train splits each epoch equally: every worker gets ⌊rows / workers⌋ rows."""
-    import pyarrow.dataset as pads
 
-    table = pads.dataset(shard_files(shards), format="parquet").to_table(columns=["dataset", "case_id"])
+    table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id"])
     fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
     rows = sum(not in_validation(d, c, fraction, seed)
                for d, c in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
@@ -335,9 +396,8 @@ def _steps_per_epoch(shards, cfg: DictConfig) -> int:
 
 
 def _prompts(shards) -> list[str]:
-    import pyarrow.dataset as pads
 
-    table = pads.dataset(shard_files(shards), format="parquet").to_table(columns=["prompt"])
+    table = shard_dataset(shard_files(shards)).to_table(columns=["prompt"])
     return sorted(set(table.column(0).to_pylist()))
 
 
@@ -400,43 +460,50 @@ def plot_curves(run_dir: Path) -> Path | None:
 
 # --- export ----------------------------------------------------------------------------------
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The newest complete checkpoint of a run (by its step)."""
-    found = [(json.loads((c / TRAINER_STATE).read_text())["step"], c)
-             for c in Path(run_dir).glob("checkpoint_*") if (c / TRAINER_STATE).is_file()]
+def latest_checkpoint(run_dir: str | os.PathLike) -> str:
+    """The newest complete checkpoint folder of a run (by its step), local or remote."""
+    found = []
+    for file in storage.listing(run_dir):
+        parts = file.split("/")
+        if len(parts) == 2 and parts[0].startswith("checkpoint_") and parts[1] == TRAINER_STATE:
+            step = json.loads(storage.read_text(storage.join(run_dir, file)))["step"]
+            found.append((step, storage.join(run_dir, parts[0])))
     if not found:
         raise TrainError(f"{run_dir}: no checkpoint with {TRAINER_STATE}; not a medsam3 training run")
     return max(found)[1]
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
     """Consolidate the latest ZeRO-3 checkpoint into a Hugging Face directory
-    (config.json, model.safetensors, tokenizer files) that ``Sam3Model.from_pretrained`` loads."""
+    (config.json, model.safetensors, tokenizer files) that ``Sam3Model.from_pretrained`` loads.
+    Either side may be an ``s3://`` URI."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer
 
     from medsam3.model import build_model
 
-    run_dir, out = Path(run_dir), Path(out_dir)
     checkpoint = latest_checkpoint(run_dir)
-    cfg = OmegaConf.load(run_dir / "train_config.yaml")
-    model = build_model(cfg.model.preset, cfg.model.path)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="checkpoint")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
-        raise TrainError(f"{checkpoint}: weights do not fit the model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    staging = out.parent / f".{out.name}.tmp"
-    model.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(run_dir / "tokenizer").save_pretrained(staging)
-    (staging / "medsam3_export.json").write_text(json.dumps(
-        {"run": run_dir.name, "checkpoint": checkpoint.name,
-         "step": json.loads((checkpoint / TRAINER_STATE).read_text())["step"],
-         "prompts": json.loads((run_dir / "prompts.json").read_text())
-         if (run_dir / "prompts.json").is_file() else None}, indent=1))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    with tempfile.TemporaryDirectory(prefix="medsam3-export-") as tmp:
+        # a remote run: fetch the newest checkpoint and the run's own files
+        local_run = Path(tmp, "run") if storage.is_remote(run_dir) else Path(run_dir)
+        local_checkpoint = Path(checkpoint) if not storage.is_remote(run_dir) else local_run / storage.name(checkpoint)
+        if storage.is_remote(run_dir):
+            wanted = [f for f in storage.listing(run_dir)
+                      if f.startswith(f"{storage.name(checkpoint)}/") or f in RUN_FILES or f.startswith("tokenizer/")]
+            storage.download(run_dir, local_run, wanted)
+        cfg = OmegaConf.load(local_run / "train_config.yaml")
+        model = build_model(cfg.model.preset, cfg.model.path)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(local_checkpoint), tag="checkpoint")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+            raise TrainError(f"{checkpoint}: weights do not fit the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        prompts = local_run / "prompts.json"
+        with storage.staged_output(out_dir, last=["model.safetensors"]) as staging:
+            model.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(local_run / "tokenizer").save_pretrained(staging)
+            (staging / "medsam3_export.json").write_text(json.dumps(
+                {"run": storage.name(run_dir), "checkpoint": storage.name(checkpoint),
+                 "step": json.loads((local_checkpoint / TRAINER_STATE).read_text())["step"],
+                 "prompts": json.loads(prompts.read_text()) if prompts.is_file() else None}, indent=1))
+    return os.fspath(out_dir)

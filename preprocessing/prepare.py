@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 from omegaconf import DictConfig, OmegaConf
 
 import medsam3
 from medsam3.errors import StageError
-from medsam3.io import CaseError, CaseRef, discover, read_case
+from medsam3.io import CaseError, CaseRef, discover, read_case, storage
 from medsam3.samples import case_rows
-from medsam3.schema import SCHEMA_VERSION, parquet_options, rows_to_table
+from medsam3.schema import SCHEMA_VERSION, parquet_options, rows_to_table, shard_dataset, shard_files
 from medsam3.vocab import Vocabulary
 
 MANIFEST = "manifest.json"
@@ -82,18 +80,25 @@ def prepare_case(ref: CaseRef, cfg: DictConfig) -> tuple[list[dict[str, str]], I
     return case.sources, all_rows()
 
 
-def _case_tables(batch: dict[str, Any], cfg: DictConfig, ledger: str, rows_per_block: int) -> Iterator[pa.Table]:
+def _case_tables(batch: dict[str, Any], cfg: DictConfig, ledger: str, rows_per_block: int,
+                 remote_input: tuple[str, str] | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF: one case in, its rows out as Arrow tables of ``rows_per_block`` rows.
 
     The case's outcome goes to ``ledger/<index>.json`` (a file per case: no actor to start, and
-    a retried task simply rewrites it).
+    a retried task simply rewrites it). ``remote_input`` is (input URI, the driver's local copy
+    of it): a task on another node fetches its case's files into the same place first.
     """
+    storage.configure(cfg.get("storage"))
     index, ref = int(batch["index"][0]), CaseRef.from_dict(json.loads(batch["ref"][0]))
-    record = Path(ledger) / f"{index:08d}.json"
+    record = storage.join(ledger, f"{index:08d}.json")
+    if remote_input is not None:
+        uri, mirror = remote_input
+        storage.fetch_missing(uri, mirror, [Path(ref.root, f) for f in ref.files])
     try:
         sources, rows = prepare_case(ref, cfg)
     except CaseError as exc:  # under strict=true the driver fails the run after the write
-        record.write_text(json.dumps({"dataset": ref.dataset, "case": _case_name(ref), "reason": str(exc)}))
+        reason = {"dataset": ref.dataset, "case": _case_name(ref), "reason": str(exc)}
+        storage.write_bytes(record, json.dumps(reason).encode())
         return
     block: list[dict[str, Any]] = []
     for row in rows:
@@ -103,7 +108,8 @@ def _case_tables(batch: dict[str, Any], cfg: DictConfig, ledger: str, rows_per_b
             block = []
     if block:
         yield rows_to_table(block)
-    record.write_text(json.dumps({"dataset": ref.dataset, "case_id": ref.case_id, "sources": sources}))
+    outcome = {"dataset": ref.dataset, "case_id": ref.case_id, "sources": sources}
+    storage.write_bytes(record, json.dumps(outcome).encode())
 
 
 def _case_name(ref: CaseRef) -> str:
@@ -111,10 +117,10 @@ def _case_name(ref: CaseRef) -> str:
     return ref.case_id if ref.layout == "dicom" else ref.files[0]
 
 
-def _read_ledger(ledger: Path) -> tuple[dict[tuple[str, str], list], dict[tuple[str, str], str]]:
+def _read_ledger(ledger: str) -> tuple[dict[tuple[str, str], list], dict[tuple[str, str], str]]:
     accepted, rejected = {}, {}
-    for record in sorted(ledger.glob("*.json")):
-        entry = json.loads(record.read_text())
+    for record in sorted(storage.listing(ledger)):
+        entry = json.loads(storage.read_text(storage.join(ledger, record)))
         if "reason" in entry:
             rejected[(entry["dataset"], entry["case"])] = entry["reason"]
         else:
@@ -130,9 +136,12 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
     import ray
     from ray.data.datasource import FilenameProvider
 
-    output = Path(output_dir).absolute()
+    output = os.fspath(output_dir) if storage.is_remote(output_dir) else os.fspath(Path(output_dir).absolute())
     _check_output(output)
-    refs, rejected_early = discover(input_dir, cfg, vocabulary_for(cfg))
+    # s3:// input: discovery reads headers, so the driver works on a local copy of the input
+    local_input = storage.local_copy(input_dir)
+    remote_input = (os.fspath(input_dir), os.fspath(local_input)) if storage.is_remote(input_dir) else None
+    refs, rejected_early = discover(local_input, cfg, vocabulary_for(cfg))
     if cfg.strict and rejected_early:
         first = rejected_early[0]
         count = len(rejected_early)
@@ -156,24 +165,28 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
     # Ray Data samples each task's USS every second by reading /proc/<pid>/smaps, which maps the
     # whole object store: measured here as 2/3 of the machine's CPU spent in the kernel.
     context.memory_usage_poll_interval_s = None
+    # staging and ledger live beside OUTPUT, on its filesystem: every node of a cluster writes there
     token = uuid.uuid4().hex[:8]
-    staging = output.parent / f".{output.name}.tmp-{token}"
-    ledger = output.parent / f".{output.name}.cases-{token}"
+    staging = storage.join(storage.parent(output), f".{storage.name(output)}.tmp-{token}")
+    ledger = storage.join(storage.parent(output), f".{storage.name(output)}.cases-{token}")
+    filesystem, staging_path = storage.arrow_filesystem(staging)
     try:
-        ledger.mkdir(parents=True)
+        if not storage.is_remote(ledger):
+            Path(ledger).mkdir(parents=True)
         items = [{"index": i, "ref": json.dumps(r.to_dict())} for i, r in enumerate(refs)]
         dataset = ray.data.from_items(items, override_num_blocks=len(refs))
         dataset = dataset.map_batches(
             _case_tables,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"cfg": cfg, "ledger": str(ledger), "rows_per_block": ROWS_PER_BLOCK},
+            fn_kwargs={"cfg": cfg, "ledger": ledger, "rows_per_block": ROWS_PER_BLOCK, "remote_input": remote_input},
             num_cpus=float(cfg.num_cpus_per_case),
             concurrency=cfg.concurrency,
         )
         try:
             dataset.write_parquet(
-                str(staging),
+                staging_path,
+                filesystem=filesystem,
                 filename_provider=ShardNames(),
                 max_rows_per_file=int(cfg.max_rows_per_file),
                 **parquet_options(),
@@ -202,7 +215,7 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
             "num_rows": num_rows,
             "num_cases": len(accepted),
             "num_rejected": len(rejected),
-            "files": sorted(p.name for p in staging.glob("*.parquet")),
+            "files": sorted(storage.name(p) for p in shard_files(staging)),
             "counts": counts,
             "inputs": [
                 {"dataset": d, "case_id": c, **source}
@@ -210,36 +223,25 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
                 for source in sorted(sources, key=lambda s: (s.get("path", ""), s["sha256"]))
             ],
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        manifest_text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         # "where" (a DICOM file path, which may name the patient) is for the console only
         public = [{k: v for k, v in r.items() if k != "where"} for r in rejected]
-        (staging / REJECTED).write_text(json.dumps(public, indent=1) + "\n")
-        _replace(staging, output)
+        storage.write_bytes(storage.join(staging, REJECTED), (json.dumps(public, indent=1) + "\n").encode())
+        storage.write_bytes(storage.join(staging, MANIFEST), manifest_text.encode())  # last: marks it complete
+        storage.replace_folder(staging, output, last=[MANIFEST])
     finally:
         for leftover in (staging, ledger):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+            storage.remove(leftover)
     return PrepareResult(str(output), num_rows, len(accepted), rejected, counts)
 
 
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST).is_file())):
+def _check_output(output: str) -> None:
+    if storage.is_file(output) or (storage.listing(output) and not storage.is_file(storage.join(output, MANIFEST))):
         raise PrepareError(f"output {output} exists and is not a medsam3 shard folder; refusing to overwrite it")
 
 
-def _replace(staging: Path, output: Path) -> None:
-    """Swap the finished staging folder in for OUTPUT (renames on one filesystem)."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _count_rows(folder: Path) -> tuple[list[dict[str, Any]], int]:
-    table = pads.dataset(str(folder), format="parquet").to_table(columns=["dataset", "label", "modality", "area"])
+def _count_rows(folder: str) -> tuple[list[dict[str, Any]], int]:
+    table = shard_dataset(shard_files(folder)).to_table(columns=["dataset", "label", "modality", "area"])
     rows, positive = Counter(), Counter()
     for dataset, label, modality, area in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
         rows[(dataset, label, modality)] += 1

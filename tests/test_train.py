@@ -77,7 +77,7 @@ def test_export_loads_and_matches_the_trained_engine(trained, tmp_path):
     from transformers import AutoTokenizer, Sam3Model
 
     run_dir, _ = trained
-    out = export_run(run_dir, tmp_path / "model")
+    out = Path(export_run(run_dir, tmp_path / "model"))
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     model = Sam3Model.from_pretrained(out, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -100,7 +100,7 @@ def test_fine_tuned_beats_its_starting_point_in_evaluate(trained, shards, tmp_pa
     from pipelines.evaluate import run_evaluate
 
     run_dir, _ = trained
-    tuned = export_run(run_dir, tmp_path / "tuned")
+    tuned = Path(export_run(run_dir, tmp_path / "tuned"))
     vanilla = tmp_path / "vanilla"
     torch.manual_seed(0)  # as train_loop_per_worker does with train.seed=0
     build_model("tiny").save_pretrained(vanilla)
@@ -177,6 +177,6 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards
                                              "optim.warmup_steps=1", "optim.lr_heads=1e30", "optim.lr_backbone=1e30"))
     message = str(failure.value)
     assert "amos_0" in message or "s0619_32" in message  # the samples of the failing step are named
-    good = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
+    good = json.loads((Path(latest_checkpoint(run_dir)) / "trainer_state.json").read_text())["step"]
     failed_at = int(re.findall(r"non-finite loss at step (\d+)", message)[0])
     assert good == failed_at - 1

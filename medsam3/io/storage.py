@@ -179,6 +179,20 @@ def upload(local: str | os.PathLike, uri: str) -> None:
         fs.put_file(os.fspath(file), f"{inner.rstrip('/')}/{file.relative_to(local).as_posix()}")
 
 
+def fetch_missing(uri: str, mirror: str | os.PathLike, files: Iterable[str | os.PathLike]) -> None:
+    """Fetch those of ``files`` (paths inside ``mirror``, a local copy of ``uri``) that this
+    machine lacks: a task on another node than the one that made the copy."""
+    fs, inner = filesystem(uri)
+    for file in map(Path, files):
+        if file.exists():
+            continue
+        rel = file.relative_to(mirror).as_posix()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
+        fs.get_file(f"{inner.rstrip('/')}/{rel}", os.fspath(partial))
+        partial.rename(file)
+
+
 def local_copy(path: str | os.PathLike) -> Path:
     """A local path for reading ``path``: itself when local; for a URI (a folder or one file), a
     copy in the cache (``storage.cache_dir``), fetched again when the remote sizes or ETags change."""
