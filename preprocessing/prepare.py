@@ -255,9 +255,11 @@ def _count_rows(folder: str) -> tuple[list[dict[str, Any]], int]:
 
 
 def _public_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as recorded in the manifest: no salt, no absolute paths."""
+    """The config as recorded in the manifest: no salt, no absolute paths, no storage settings
+    (where the files live does not change what they hold)."""
     public = OmegaConf.to_container(cfg, resolve=True)
     public.pop("salt", None)
+    public.pop("storage", None)
     if public.get("vocabulary"):
         public["vocabulary"] = Path(public["vocabulary"]).name
     return public

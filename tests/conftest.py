@@ -8,6 +8,12 @@ import pytest
 
 from tests.builders import RECIST, SAMMED2D, SHARED
 
+# Credentials for the S3-compatible server the tests start (moto accepts any); set before Ray
+# starts so its workers inherit them, as they would inherit a real cluster's AWS environment.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
+
 
 def pytest_sessionstart(session):
     missing = [p for p in (RECIST, SAMMED2D) if not p.is_dir()]
@@ -47,3 +53,26 @@ def tiny_checkpoint(tmp_path_factory):
     tokenizer = build_tokenizer(bpe_path=SHARED / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz", work_dir=folder / "work")
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's server mode) on loopback, with a bucket ``medsam3-test``;
+    yields its URL (the value of the ``storage.endpoint_url`` config key)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from medsam3.io import storage
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    storage.configure({"endpoint_url": url})
+    fs, _ = storage.filesystem("s3://medsam3-test")
+    fs.mkdir("medsam3-test")
+    yield url
+    server.stop()

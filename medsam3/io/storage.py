@@ -152,6 +152,8 @@ def listing(path: str | os.PathLike) -> dict[str, tuple[int, str]]:
     root = inner.rstrip("/") + "/"
     out = {}
     for key, info in found.items():
+        if info.get("type") == "directory" or key.rstrip("/") == inner.rstrip("/") or key.endswith("/"):
+            continue  # directory markers (S3 keys ending in "/") are not files
         tag = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
         out[key[len(root):] if key.startswith(root) else Path(key).name] = (int(info.get("size") or 0), tag)
     return out
