@@ -47,7 +47,7 @@ def parse_checkpoints(specs: Sequence[str]) -> dict[str, str]:
     must differ."""
     found: dict[str, str] = {}
     for spec in specs:
-        name, _, folder = spec.rpartition("=") if "=" in spec and "://" not in spec.split("=")[0] else ("", "", spec)
+        name, folder = storage.split_name(spec)
         path = folder if storage.is_remote(folder) else str(Path(folder).absolute())
         name = name or storage.name(path)
         try:

@@ -43,6 +43,8 @@ def _inference_cfg(settings: dict[str, Any]):
 
     overrides = [f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}"
                  for k, v in (settings.get("inference") or {}).items()]
+    # s3:// checkpoints: the storage settings (endpoint) reach every replica through its config
+    overrides += [f"storage.{k}={v}" for k, v in (settings.get("storage") or {}).items() if v is not None]
     return inference_config(overrides)
 
 

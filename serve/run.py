@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from medsam3.config import config_path
 from medsam3.errors import StageError
+from medsam3.io import storage
 
 
 class ServeError(StageError):
@@ -21,11 +22,11 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str]:
     """``DIR`` or ``NAME=DIR`` → {id: absolute dir}; the first is the default model."""
     found: dict[str, str] = {}
     for spec in specs:
-        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        name = name or ("default" if not found else Path(folder).name)
+        name, folder = storage.split_name(spec)
+        name = name or ("default" if not found else storage.name(folder))
         if name in found:
             raise ServeError(f"two checkpoints with the id {name!r}: use NAME=DIR")
-        found[name] = str(Path(folder).absolute())
+        found[name] = folder if storage.is_remote(folder) else str(Path(folder).absolute())
     if not found:
         raise ServeError("give at least one --checkpoint")
     return found

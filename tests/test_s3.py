@@ -109,7 +109,8 @@ def test_training_checkpoints_live_on_s3_and_resume_from_there(s3_shards, s3_end
     first = run_train(shards, run, load_config("train", [*base, "train.max_steps=4"]))
     assert first.error is None and first.metrics["step"] == 4
     files = storage.listing(run)
-    assert {"train_config.yaml", "prompts.json", "metrics.jsonl", "curves.csv", "tokenizer/tokenizer.json"} <= set(files)
+    run_files = {"train_config.yaml", "prompts.json", "metrics.jsonl", "curves.csv", "tokenizer/tokenizer.json"}
+    assert run_files <= set(files)
     assert storage.name(latest_checkpoint(run)).startswith("checkpoint_")
     # every rank's ZeRO-3 shard is in the checkpoint on S3
     shard_files = [f for f in files if f.startswith(storage.name(latest_checkpoint(run))) and "optim_states" in f]

@@ -57,14 +57,18 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoints):
+def url(checkpoints, s3_endpoint):
     from ray import serve
 
+    from medsam3.io import storage
     from serve.run import start
 
+    # model "b" is served from S3 (the replicas fetch it with the app's storage settings)
+    storage.upload(checkpoints["b"], "s3://medsam3-test/serve/seed1")
+    served = {"a": str(checkpoints["a"]), "b": "s3://medsam3-test/serve/seed1"}
     one_replica = {"autoscaling_config": None, "num_replicas": 1}
-    address = start({k: str(v) for k, v in checkpoints.items()}, port=free_port(),
-                    overrides={"SegmentModel": one_replica}, settings=SETTINGS)
+    address = start(served, port=free_port(), overrides={"SegmentModel": one_replica},
+                    settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint}})
     yield address
     serve.shutdown()
 

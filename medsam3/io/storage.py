@@ -69,6 +69,14 @@ def name(path: str | os.PathLike) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
+def split_name(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` → (NAME, PATH); a bare path or URI → ("", PATH)."""
+    if "=" in spec.split("://", 1)[0]:
+        label, _, path = spec.partition("=")
+        return label, path
+    return "", spec
+
+
 def parent(path: str | os.PathLike) -> str:
     text = os.fspath(path).rstrip("/")
     return text.rsplit("/", 1)[0] if is_remote(text) else os.fspath(Path(text).absolute().parent)
