@@ -25,9 +25,16 @@ install-test: $(VENV)/.installed-test
 
 # The whole pipeline on the synthetic phantom, no GPU, no downloads: dvc repro runs phantom →
 # prepare → train (tiny, 2 workers) → export → evaluate; then the metrics, then the endpoint
-# (Ctrl-C stops it; the batch part before it needs no interaction).
+# (Ctrl-C stops it; the batch part before it needs no interaction). `make demo DATA=path` uses
+# your scans instead (a folder, a folder of dataset folders, or an s3:// URI) as a DVC
+# experiment: `dvc exp run -S data.input=path`, listed by `dvc exp show`.
+DATA ?=
 demo: install
+ifeq ($(strip $(DATA)),)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+else
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -S 'data.input=$(if $(findstring ://,$(DATA)),$(DATA),$(abspath $(DATA)))'
+endif
 	$(BIN)/dvc metrics show
 	sed -n '/## Overall/,/^## [^O]/p' reports/demo/report.md | head -n -1
 	$(BIN)/medsam3 serve --checkpoint demo=models/demo
