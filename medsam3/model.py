@@ -115,8 +115,12 @@ def build_tokenizer(path: str | os.PathLike | None = None, bpe_path: str | os.Pa
                     prompts: list[str] | None = None, work_dir: str | os.PathLike | None = None):
     """SAM3's tokenizer: from a checkpoint directory, else CLIP BPE from a merges file, else a
     word-level tokenizer over ``prompts`` (tiny models only)."""
-    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
-        return CLIPTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    if path is not None:
+        from medsam3.io import storage
+
+        local = storage.local_copy(path)  # an s3:// checkpoint is fetched into the cache
+        if (local / "tokenizer_config.json").is_file():
+            return CLIPTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
     if bpe_path is not None:
         if work_dir is None:
             raise ValueError("work_dir is needed to derive the CLIP tokenizer files")
