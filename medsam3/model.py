@@ -77,6 +77,9 @@ def write_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.Pa
     (``bpe_simple_vocab_16e6.txt.gz``), the way CLIP builds its vocabulary."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    from medsam3.io import storage
+
+    bpe_path = storage.local_copy(bpe_path)  # may be an s3:// URI
     opener = gzip.open if str(bpe_path).endswith(".gz") else open
     with opener(bpe_path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")

@@ -68,7 +68,12 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | Path | None = None, extra_labels: Mapping[str, Any] | None = None):
         """Load a vocabulary file (default ``configs/prompts.yaml``)."""
-        path = Path(path) if path else CONFIG_DIR / "prompts.yaml"
+        if path:
+            from medsam3.io import storage
+
+            path = storage.local_copy(path)  # may be an s3:// URI
+        else:
+            path = CONFIG_DIR / "prompts.yaml"
         spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         extra = extra_labels
         if OmegaConf.is_config(extra):
