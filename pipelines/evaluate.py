@@ -157,6 +157,7 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
         needed = int(cfg.num_actors) * float(cfg.cpus_per_actor) + 1
         ray.init(address=address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
                  include_dashboard=False, logging_level="WARNING")
+    cfg.storage = storage.settings()  # actors get the settings in force here (config or environment)
     plain = OmegaConf.to_container(cfg, resolve=True)
     frames = []
     for name, folder in found.items():

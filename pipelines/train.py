@@ -261,10 +261,13 @@ def _metrics_logger(log_dir: Path, run_dir: str):
     to ``metrics.jsonl`` and the console; a remote run's files are uploaded at each checkpoint."""
     from ray.train import UserCallback
 
+    settings = storage.settings()  # the controller is another process: it gets the driver's settings
+
     class MetricsLogger(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             log_metrics(log_dir, metrics[0])
             if checkpoint is not None and storage.is_remote(run_dir):
+                storage.configure(settings)
                 sync_run_files(log_dir, run_dir)
 
     return MetricsLogger()
@@ -309,6 +312,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     from pipelines.train_data import eval_transform, swap_sides, train_transform
 
     manifest = validate_shards(shards)  # before any worker starts
+    cfg.storage = storage.settings()  # workers get the settings in force here (config or environment)
     run_dir = os.fspath(run_dir) if storage.is_remote(run_dir) else os.fspath(Path(run_dir).absolute())
     log_dir = working_dir(run_dir)
     if not ray.is_initialized():

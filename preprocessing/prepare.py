@@ -137,6 +137,7 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
     from ray.data.datasource import FilenameProvider
 
     output = os.fspath(output_dir) if storage.is_remote(output_dir) else os.fspath(Path(output_dir).absolute())
+    cfg.storage = storage.settings()  # read tasks get the settings in force here (config or environment)
     _check_output(output)
     # s3:// input: discovery reads headers, so the driver works on a local copy of the input
     local_input = storage.local_copy(input_dir)

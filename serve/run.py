@@ -60,6 +60,9 @@ def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1"
     config = serve_config(config_file)
     args = app_args(config, checkpoints)
     args["settings"] = {**args.get("settings", {}), **(settings or {})}
+    # replicas may run on other nodes: they get the storage settings in force here (config or environment)
+    effective = {k: v for k, v in storage.settings().items() if v is not None and k != "cache_dir"}
+    args["settings"]["storage"] = {**effective, **(args["settings"].get("storage") or {})}
     for name, extra in (overrides or {}).items():
         args["deployment_options"].setdefault(name, {}).update(extra)
     if not ray.is_initialized():
