@@ -224,3 +224,25 @@ def test_storage_publishes_whole_folders_or_nothing(s3_endpoint, tmp_path):
     assert (copy / "a.txt").read_text() == "newer" and not (copy / "marker").exists()
     with pytest.raises(storage.StorageError, match="nothing"):
         storage.local_copy(f"{BUCKET}/unit/nothing")
+
+
+def _fetch_in_another_process(uri: str, endpoint: str, cache_dir: str) -> str:
+    storage.configure({"endpoint_url": endpoint, "cache_dir": cache_dir})
+    return (storage.local_copy(uri) / "weights.bin").read_bytes().hex()
+
+
+def test_processes_on_one_node_share_one_local_copy(s3_endpoint, tmp_path):
+    """Evaluate actors and Serve replicas on one node fetch the same checkpoint at once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    data = np.random.default_rng(0).integers(0, 255, 2_000_000, dtype=np.uint8).tobytes()
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(data)
+    storage.upload(source, f"{BUCKET}/unit/model")
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(_fetch_in_another_process, [f"{BUCKET}/unit/model"] * 4, [s3_endpoint] * 4,
+                            [str(tmp_path / "cache")] * 4))
+    assert got == [data.hex()] * 4
+    assert len(list((tmp_path / "cache" / "remote").iterdir())) == 2  # one copy (and its lock file)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from filelock import FileLock
 
 ENDPOINT_ENV = "MEDSAM3_S3_ENDPOINT_URL"  # carries the config key to Ray workers and subprocesses
 _options: dict[str, Any] = {"endpoint_url": None, "region": None, "cache_dir": "~/.cache/medsam3"}
@@ -220,17 +221,20 @@ def local_copy(path: str | os.PathLike) -> Path:
         if not remote:
             raise StorageError(f"{uri} does not exist or is empty")
     marker = cache / "listing.json"
-    cached = json.loads(marker.read_text()) if marker.is_file() else None
-    if cached != json.loads(json.dumps(remote)):
-        staging = cache.parent / f".{cache.name}.{uuid.uuid4().hex[:8]}"
-        if single:
-            (staging / "files").mkdir(parents=True)
-            fs.get_file(inner, os.fspath(staging / "files" / name(uri)))
-        else:
-            download(uri, staging / "files", remote)
-        (staging / "listing.json").write_text(json.dumps(remote))
-        shutil.rmtree(cache, ignore_errors=True)
-        staging.rename(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # one download per node: actors and replicas sharing a node wait for the first one's copy
+    with FileLock(os.fspath(cache.parent / f"{cache.name}.lock")):
+        cached = json.loads(marker.read_text()) if marker.is_file() else None
+        if cached != json.loads(json.dumps(remote)):
+            staging = cache.parent / f".{cache.name}.{uuid.uuid4().hex[:8]}"
+            if single:
+                (staging / "files").mkdir(parents=True)
+                fs.get_file(inner, os.fspath(staging / "files" / name(uri)))
+            else:
+                download(uri, staging / "files", remote)
+            (staging / "listing.json").write_text(json.dumps(remote))
+            shutil.rmtree(cache, ignore_errors=True)
+            staging.rename(cache)
     return cache / "files" / name(uri) if single else cache / "files"
 
 
