@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -256,6 +257,10 @@ def log_metrics(log_dir: Path, metrics: dict[str, Any]) -> None:
 RUN_FILES = ("train_config.yaml", "prompts.json", "metrics.jsonl", "curves.csv", "curves.png")
 
 
+def _is_run_file(relative: str) -> bool:
+    return relative in RUN_FILES or relative.startswith("tokenizer/")
+
+
 def _metrics_logger(log_dir: Path, run_dir: str):
     """A Ray Train callback (it runs in the controller, on the driver's node): rank 0's metrics
     to ``metrics.jsonl`` and the console; a remote run's files are uploaded at each checkpoint."""
@@ -286,14 +291,9 @@ def working_dir(run_dir: str) -> Path:
     local copy of those files (fetched from the run when it is resumed)."""
     if not storage.is_remote(run_dir):
         return Path(run_dir)
-    import hashlib
-
-    key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
-    local = Path(storage.settings()["cache_dir"]).expanduser() / "runs" / key
-    remote = [f for f in storage.listing(run_dir) if f in RUN_FILES or f.startswith("tokenizer/")]
+    local = storage.cache_folder("runs", run_dir)
+    remote = [f for f in storage.listing(run_dir) if _is_run_file(f)]
     if local.exists():
-        import shutil
-
         shutil.rmtree(local)
     local.mkdir(parents=True)
     if remote:
@@ -340,7 +340,8 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     log_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, log_dir / "train_config.yaml")
     # the prompts the model is trained on (flips swap sides), so inference can flag unseen ones
-    trained = set(_prompts(shards))
+    shard_prompts = _prompts(shards)
+    trained = set(shard_prompts)
     if float(cfg.train.flip_prob) > 0:
         trained |= {swap_sides(p) for p in trained}
     prompts_file = log_dir / "prompts.json"
@@ -348,7 +349,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     prompts_file.write_text(json.dumps(sorted(trained | seen), indent=1))
     tokenizer_dir = log_dir / "tokenizer"
     if not tokenizer_dir.is_dir():  # a resumed run keeps the tokenizer it started with
-        prompts = sorted({c["label"] for c in manifest["counts"]} | set(_prompts(shards)))
+        prompts = sorted({c["label"] for c in manifest["counts"]} | set(shard_prompts))
         build_tokenizer(cfg.model.path, cfg.model.bpe_path, prompts, log_dir).save_pretrained(tokenizer_dir)
     if storage.is_remote(run_dir):
         sync_run_files(log_dir, run_dir)
@@ -387,7 +388,6 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
 
 def _steps_per_epoch(shards, cfg: DictConfig) -> int:
     """Ray Train splits each epoch equally: every worker gets ⌊rows / workers⌋ rows."""
-
     table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id"])
     fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
     rows = sum(not in_validation(d, c, fraction, seed)
@@ -400,7 +400,6 @@ def _steps_per_epoch(shards, cfg: DictConfig) -> int:
 
 
 def _prompts(shards) -> list[str]:
-
     table = shard_dataset(shard_files(shards)).to_table(columns=["prompt"])
     return sorted(set(table.column(0).to_pylist()))
 
@@ -493,7 +492,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
         local_checkpoint = Path(checkpoint) if not storage.is_remote(run_dir) else local_run / storage.name(checkpoint)
         if storage.is_remote(run_dir):
             wanted = [f for f in storage.listing(run_dir)
-                      if f.startswith(f"{storage.name(checkpoint)}/") or f in RUN_FILES or f.startswith("tokenizer/")]
+                      if f.startswith(f"{storage.name(checkpoint)}/") or _is_run_file(f)]
             storage.download(run_dir, local_run, wanted)
         cfg = OmegaConf.load(local_run / "train_config.yaml")
         model = build_model(cfg.model.preset, cfg.model.path)

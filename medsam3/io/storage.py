@@ -125,11 +125,6 @@ def arrow_filesystem(path: str | os.PathLike):
     return s3, text.split("://", 1)[1].rstrip("/")
 
 
-def exists(path: str | os.PathLike) -> bool:
-    fs, inner = filesystem(path)
-    return fs.exists(inner)
-
-
 def is_file(path: str | os.PathLike) -> bool:
     fs, inner = filesystem(path)
     return fs.isfile(inner)
@@ -204,6 +199,11 @@ def fetch_missing(uri: str, mirror: str | os.PathLike, files: Iterable[str | os.
         partial.rename(file)
 
 
+def cache_folder(kind: str, uri: str) -> Path:
+    """This machine's folder for local copies of ``uri`` (under ``storage.cache_dir``)."""
+    return Path(settings()["cache_dir"]).expanduser() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def local_copy(path: str | os.PathLike) -> Path:
     """A local path for reading ``path``: itself when local; for a URI (a folder or one file), a
     copy in the cache (``storage.cache_dir``), fetched again when the remote sizes or ETags change."""
@@ -211,7 +211,7 @@ def local_copy(path: str | os.PathLike) -> Path:
         return Path(path)
     uri = os.fspath(path).rstrip("/")
     fs, inner = filesystem(uri)
-    cache = Path(settings()["cache_dir"]).expanduser() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache = cache_folder("remote", uri)
     single = fs.isfile(inner)
     if single:
         info = fs.info(inner)
@@ -256,14 +256,12 @@ def replace_folder(staging: str, target: str, last: Iterable[str] = ("manifest.j
         return
     fs, src = filesystem(staging)
     _, dst = filesystem(target)
-    new = sorted(listing(staging))
-    markers = set(last)
-    for marker in sorted(set(listing(target)) & markers):
+    new, old, markers = sorted(listing(staging)), set(listing(target)), set(last)
+    for marker in sorted(old & markers):
         fs.rm_file(f"{dst}/{marker}")  # the old folder stops looking complete first
     for rel in [r for r in new if r not in markers] + [r for r in new if r in markers]:
         fs.copy(f"{src}/{rel}", f"{dst}/{rel}")
-    stale = sorted(set(listing(target)) - set(new))
-    for rel in stale:
+    for rel in sorted(old - set(new)):  # stale files
         fs.rm_file(f"{dst}/{rel}")
     fs.rm(src, recursive=True)
 
