@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Sam3Config, Sam3Model
 
 from medsam3.config import CONFIG_DIR
+from medsam3.io import storage
 
 # CLIP's vocabulary: 256 byte symbols, the same with </w>, the first merges, then two specials.
 CLIP_VOCAB_SIZE = 49408
@@ -53,8 +54,6 @@ def model_image_size(model: Sam3Model) -> int:
 def check_checkpoint(path: str | os.PathLike) -> Path:
     """The local directory of a SAM3 checkpoint (an ``s3://`` one is fetched into the cache);
     a directory that is not one is refused with the reason."""
-    from medsam3.io import storage
-
     try:
         folder = storage.local_copy(path)
     except (OSError, FileNotFoundError) as exc:
@@ -76,8 +75,6 @@ def write_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.Pa
     """Derive CLIP's ``vocab.json`` and ``merges.txt`` from the original BPE merges file
     (``bpe_simple_vocab_16e6.txt.gz``), the way CLIP builds its vocabulary."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from medsam3.io import storage
 
     bpe_path = storage.local_copy(bpe_path)  # may be an s3:// URI
     opener = gzip.open if str(bpe_path).endswith(".gz") else open
@@ -119,8 +116,6 @@ def build_tokenizer(path: str | os.PathLike | None = None, bpe_path: str | os.Pa
     """SAM3's tokenizer: from a checkpoint directory, else CLIP BPE from a merges file, else a
     word-level tokenizer over ``prompts`` (tiny models only)."""
     if path is not None:
-        from medsam3.io import storage
-
         local = storage.local_copy(path)  # an s3:// checkpoint is fetched into the cache
         if (local / "tokenizer_config.json").is_file():
             return CLIPTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
