@@ -108,7 +108,9 @@ def main() -> None:
         print(f"    batched / single: {statistics.median(ratios):.2f}x  (runs {', '.join(f'{r:.2f}' for r in ratios)};"
               " target >= 2x)")
 
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        from medsam3.ray_local import init_ray
+
+        init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         (tmp / "in" / "lesions").mkdir(parents=True)
         for copy in range(args.copies):  # the 4 real volumes, repeated: enough rows to amortise start-up
             for f in sorted(RECIST.glob("*.npz")):

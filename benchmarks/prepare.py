@@ -152,7 +152,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_dataset(tmp / "cases", args.cases, shape)
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        from medsam3.ray_local import init_ray
+
+        init_ray(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Warm-up, as a long job would be after its first cases: one worker per CPU with the
         # readers imported and a full 16-row block through the memory pool (first-touch page

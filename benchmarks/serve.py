@@ -4,7 +4,9 @@ A local Ray + Serve on loopback with the tiny SAM3 (one model replica, 1 CPU); c
 real 512×512 CT slice with two prompts. For 1, 8 and 32 concurrent clients it prints requests/s
 and p50/p99 latency with dynamic batching on (up to 16 items per model call) and off (1), and
 the ratios (target: with batching, ≥ 2× the throughput at 32 clients, p99 ≤ 2× the single-client
-latency).
+latency). "copies": every client sends the same slice; "distinct": at 32 clients, each request
+sends a different image (four real slices, each with one pixel changed per request), so no two
+requests may share a vision pass.
 """
 
 from __future__ import annotations
@@ -21,16 +23,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PNG = ROOT.parent / "shared" / "data" / "sam-med2d-demo" / "images" / "amos_0004_75.png"
+SLICES = ("amos_0004_75.png", "amos_0006_90.png", "s0114_111.png", "s0619_32.png")
 
 
-def load(url: str, clients: int, requests_per_client: int) -> tuple[float, float, float]:
+def distinct_images(count: int) -> list[bytes]:
+    """``count`` different PNGs: the real slices in turn, each with one pixel set to a unique value."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    slices = [np.asarray(Image.open(PNG.parent / name).convert("L")) for name in SLICES]
+    images = []
+    for i in range(count):
+        pixels = slices[i % len(slices)].copy()
+        pixels[i // 256 % pixels.shape[0], 0] = i % 256
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def load(url: str, clients: int, requests_per_client: int, distinct: bool = False) -> tuple[float, float, float]:
     import requests
 
-    image = PNG.read_bytes()
+    total = clients * (requests_per_client + 1)
+    images = distinct_images(total) if distinct else [PNG.read_bytes()] * total
 
-    def one(_):
+    def one(i):
         started = time.perf_counter()
-        answer = requests.post(f"{url}/v1/segment", files={"file": ("ct.png", image)},
+        answer = requests.post(f"{url}/v1/segment", files={"file": ("ct.png", images[i])},
                                data={"prompt": ["liver", "spleen"]}, timeout=300)
         answer.raise_for_status()
         return time.perf_counter() - started
@@ -38,7 +60,7 @@ def load(url: str, clients: int, requests_per_client: int) -> tuple[float, float
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(clients)))  # warm-up round
         started = time.perf_counter()
-        latencies = sorted(pool.map(one, range(clients * requests_per_client)))
+        latencies = sorted(pool.map(one, range(clients, total)))
         elapsed = time.perf_counter() - started
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     return len(latencies) / elapsed, statistics.median(latencies), p99
@@ -54,8 +76,12 @@ def model_items_per_s(checkpoint: Path, batch: int, rounds: int = 6) -> float:
     segmenter = Segmenter(checkpoint, cfg)
     prep = Preprocessor(cfg, checkpoint_image_size(checkpoint))
     case = read_scan(PNG).case
-    item = prep.items(case, ["liver"], [None], [0], Intensity(case, cfg.prepare))[0]
-    items = [type(item)(**{**item.__dict__, "square_key": (i,)}) for i in range(batch)]  # distinct requests
+    items = []
+    for i in range(batch):  # distinct requests: each image differs from the others in one pixel
+        image = case.image.copy()
+        image[i, 0] = 255 - image[i, 0]
+        distinct = type(case)(**{**case.__dict__, "image": image})
+        items += prep.items(distinct, ["liver"], [None], [0], Intensity(distinct, cfg.prepare))
     segmenter.run_items(items)
     started = time.perf_counter()
     for _ in range(rounds):
@@ -76,7 +102,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        from medsam3.ray_local import init_ray
+
+        init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -86,7 +114,8 @@ def main() -> None:
                                         "user_config": {"max_batch_size": size, "batch_wait_timeout_s": 0.02}}}
             url = start({"tiny": str(checkpoint)}, port=port, overrides=options)
             for clients in (1, 8, 32):
-                table[(batching, clients)] = load(url, clients, args.requests_per_client)
+                table[(batching, clients, "copies")] = load(url, clients, args.requests_per_client)
+            table[(batching, 32, "distinct")] = load(url, 32, args.requests_per_client, distinct=True)
             serve.delete("medsam3")
         serve.shutdown()
         ray.shutdown()
@@ -97,12 +126,16 @@ def main() -> None:
     print(f"\nmodel replica alone (Segmenter.run_items): {single:.1f} items/s one at a time, "
           f"{batched:.1f} items/s in batches of 16 ({batched / single:.2f}x)")
     print("\nserve: tiny SAM3 on CPU, one model replica, a 512² CT slice with 2 prompts per request")
-    print("clients  batching   req/s    p50 (s)   p99 (s)")
-    for (batching, clients), (rate, p50, p99) in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        print(f"{clients:7d}  {batching:>8}  {rate:6.2f}  {p50:8.3f}  {p99:8.3f}")
-    on32, off32, on1 = table[("on", 32)], table[("off", 32)], table[("on", 1)]
-    print(f"\nthroughput at 32 clients, batching on / off: {on32[0] / off32[0]:.2f}x  (target >= 2x)")
-    print(f"p99 at 32 clients with batching / single-client p50: {on32[2] / on1[1]:.2f}x  (target <= 2x)")
+    print("clients  images    batching   req/s    p50 (s)   p99 (s)")
+    for (batching, clients, images), (rate, p50, p99) in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][2],
+                                                                                                 kv[0][0])):
+        print(f"{clients:7d}  {images:>8}  {batching:>8}  {rate:6.2f}  {p50:8.3f}  {p99:8.3f}")
+    on1 = table[("on", 1, "copies")]
+    for images in ("copies", "distinct"):
+        on32, off32 = table[("on", 32, images)], table[("off", 32, images)]
+        print(f"\n{images}: throughput at 32 clients, batching on / off: {on32[0] / off32[0]:.2f}x  (target >= 2x)")
+        print(f"{images}: p99 at 32 clients with batching / single-client p50: {on32[2] / on1[1]:.2f}x  "
+              "(target <= 2x)")
 
 
 if __name__ == "__main__":

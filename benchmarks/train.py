@@ -82,7 +82,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        from medsam3.ray_local import init_ray
+
+        init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
         run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=256"]))

@@ -12,6 +12,7 @@ vision backbone runs once per batch and window, the text side once per prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -108,7 +109,7 @@ class SliceItem:
     model replicas, where items of concurrent requests are batched together."""
 
     square: np.ndarray  # the stored square (S, S, 3) uint8, exactly as prepare writes it
-    square_key: tuple  # items with the same key share the square (and its vision features)
+    square_key: str  # square_digest(square): items with equal keys share one vision pass
     prompt: str
     box: np.ndarray | None  # xyxy in square pixels
     out_hw: tuple[int, int]  # the plane's own pixels
@@ -123,6 +124,16 @@ class SliceAnswer:
     mask: np.ndarray  # bool (out_hw)
     score: float
     instances: list[np.ndarray] = field(default_factory=list)
+
+
+def square_digest(square: np.ndarray) -> str:
+    """Identity of a square's pixels (shape, dtype and content): the key under which items share
+    vision features. Content, not (slice, window), so that items of different scans never share
+    (serve batches items of concurrent requests), while the prompts of one slice still do."""
+    square = np.ascontiguousarray(square)
+    digest = hashlib.blake2b(f"{square.shape}{square.dtype}".encode(), digest_size=16)
+    digest.update(memoryview(square).cast("B"))
+    return digest.hexdigest()
 
 
 def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
@@ -186,12 +197,13 @@ class Preprocessor:
         for window in sorted({self.window(p, case.modality) for p in prompts}):
             squared = self.plane_squares([planes[k] for k in indices], intensity, window, channels=None)
             for k, square in zip(indices, squared, strict=True):
-                squares[(k, window)] = square if self.model_size is None else resize_square(square, self.model_size)
+                square = square if self.model_size is None else resize_square(square, self.model_size)
+                squares[(k, window)] = (square, square_digest(square))
         items = []
         for k in indices:
             for i, (prompt, box) in enumerate(zip(prompts, boxes, strict=True)):
-                key = (k, self.window(prompt, case.modality))
-                items.append(SliceItem(squares[key], key, prompt, None if box is None else np.asarray(box) * scale,
+                square, key = squares[(k, self.window(prompt, case.modality))]
+                items.append(SliceItem(square, key, prompt, None if box is None else np.asarray(box) * scale,
                                        (height, width), (new_h / self.square, new_w / self.square), k, i,
                                        instances))
         return items
@@ -262,7 +274,7 @@ class Segmenter:
     @torch.inference_mode()
     def run_items(self, items: Sequence[SliceItem]) -> list[SliceAnswer]:
         """Answers for any items (of one scan or of many requests): the vision backbone runs once
-        per distinct square, the decoder once per item."""
+        per distinct square (``square_key``), the decoder once per item."""
         keys = list(dict.fromkeys(item.square_key for item in items))
         where = {key: i for i, key in enumerate(keys)}
         first = {item.square_key: item.square for item in reversed(items)}

@@ -31,6 +31,7 @@ from medsam3.io import storage
 from medsam3.io.storage import staged_output
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
+from medsam3.ray_local import init_ray
 from medsam3.schema import arrow_source, decode_batch, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
 
@@ -155,7 +156,7 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     side = _stored_side(paths[0], filesystem)
     if not ray.is_initialized():
         needed = int(cfg.num_actors) * float(cfg.cpus_per_actor) + 1
-        ray.init(address=address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
+        init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
                  include_dashboard=False, logging_level="WARNING")
     cfg.storage = storage.settings()  # actors get the settings in force here (config or environment)
     plain = OmegaConf.to_container(cfg, resolve=True)

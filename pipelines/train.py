@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
 from medsam3.io import storage
+from medsam3.ray_local import init_ray
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.train_data import in_validation
 
@@ -318,7 +319,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     if not ray.is_initialized():
         # a local Ray gets a logical CPU for the data pipeline beside the training workers
         local_cpus = None if address else max(os.cpu_count() or 1, _cpus_needed(cfg))
-        ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
+        init_ray(address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
     _check_resources(cfg)
     from medsam3.inference import checkpoint_image_size

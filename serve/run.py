@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from medsam3.config import config_path
 from medsam3.errors import StageError
 from medsam3.io import storage
+from medsam3.ray_local import init_ray
 
 
 class ServeError(StageError):
@@ -66,7 +67,7 @@ def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1"
     for name, extra in (overrides or {}).items():
         args["deployment_options"].setdefault(name, {}).update(extra)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+        init_ray(address, include_dashboard=False, logging_level="WARNING",
                  num_cpus=None if address else max(os.cpu_count() or 1, 3))
     serve.start(http_options={"host": host, "port": int(port)})
     try:

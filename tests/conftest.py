@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from medsam3.ray_local import init_ray
 from tests.builders import RECIST, SAMMED2D, SHARED
 
 # Credentials for the S3-compatible server the tests start (moto accepts any); set before Ray
@@ -28,7 +29,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # 3 logical CPUs: two training workers plus one for the Ray Data pipeline that feeds them
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
