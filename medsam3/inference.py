@@ -261,7 +261,8 @@ class Segmenter:
 
     # --- model calls -----------------------------------------------------------------------
 
-    def _vision(self, squares: np.ndarray):
+    def _vision(self, squares: Sequence[np.ndarray]):
+        # a sequence: grayscale (S, S) and colour (S, S, 3) squares of different requests mix in one batch
         pixels = torch.from_numpy(np.stack([model_pixels(s, self.size) for s in squares]))
         return self.model.get_vision_features(pixel_values=pixels.to(self.device, self.model.dtype))
 
@@ -278,7 +279,7 @@ class Segmenter:
         keys = list(dict.fromkeys(item.square_key for item in items))
         where = {key: i for i, key in enumerate(keys)}
         first = {item.square_key: item.square for item in reversed(items)}
-        vision = self._vision(np.stack([first[key] for key in keys]))
+        vision = self._vision([first[key] for key in keys])
         vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
         boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
         # boxes are in the stored square's pixels, whatever size the item's square was shipped at

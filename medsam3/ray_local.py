@@ -27,3 +27,27 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
     ray.init(address=address, **kwargs)
+
+
+def keep_serve_replicas_on_loopback() -> None:
+    """On a loopback-only Ray, make Serve replicas' inter-deployment gRPC server listen on 127.0.0.1.
+
+    Ray Serve 2.60 starts that server on ``[::]:0`` whatever the node address (``replica.py``,
+    ``_on_initialized``); every other Ray server follows the node address. Called where the
+    deployment classes are imported (``serve/app.py``), i.e. in each replica before it starts the
+    server; replicas on a cluster node (not loopback) are left as Ray made them."""
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "loopback_aware", False):
+        return
+
+    def add_port(server, address: str):
+        import ray
+
+        if address.startswith("[::]:") and ray.is_initialized() and ray.util.get_node_ip_address() == "127.0.0.1":
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    add_port.loopback_aware = True
+    replica.add_port_to_grpc_server = add_port

@@ -17,6 +17,7 @@ RayService) and ``medsam3 serve`` both use.
 
 import asyncio
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,12 +29,17 @@ from omegaconf import OmegaConf
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from medsam3.ray_local import keep_serve_replicas_on_loopback
 from serve.encode import parse_box, planes_shape, preview_planes, rle_planes
-from serve.uploads import UploadError, store_upload
+from serve.guard import IngressGuard
+from serve.limits import Budget
+from serve.uploads import UploadError, ZipLimits, store_upload
 
+keep_serve_replicas_on_loopback()  # runs in every replica process, before its gRPC server starts
 STATIC = Path(__file__).resolve().parent / "static"
 FORMATS = {"json": "application/json", "nifti": "application/gzip", "dicom-seg": "application/dicom",
            "png": "image/png"}
+logger = logging.getLogger("ray.serve")
 ACCEPT = {"application/json": "json", "application/gzip": "nifti", "application/x-nifti": "nifti",
           "application/dicom": "dicom-seg", "image/png": "png"}
 
@@ -95,6 +101,10 @@ class SegmentModel:
 
 api = FastAPI(title="MedSAM3", description="Prompt-driven segmentation of medical images with SAM3 "
               "fine-tuned on medical data. POST a scan and text prompts to /v1/segment.")
+api.add_middleware(IngressGuard)  # API keys and the body limit, before any body is read
+# Decoded bytes a request holds per voxel, besides one byte per prompt for its mask: the scan as
+# stored (int16/uint8, float32 for some NIfTI) and the window being cut (measured: README, serve).
+BYTES_PER_VOXEL = 6
 
 
 @serve.deployment(name="SegmentAPI", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
@@ -112,9 +122,17 @@ class SegmentAPI:
         # items travel at the model's input size when every checkpoint shares it (smaller messages)
         self.prep = Preprocessor(self.cfg, sizes.pop() if len(sizes) == 1 else None)
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
-        self.max_bytes = int(float(settings.get("max_upload_mb", 512)) * 2**20)
+        IngressGuard.configure(settings)
+        if IngressGuard.keys is None:
+            logger.warning("MedSAM3 endpoint: authentication is OFF, anyone who can reach it may send scans to "
+                           "/v1/*; set settings.auth.api_keys_file or api_keys_env to require API keys")
         self.max_voxels = int(float(settings.get("max_voxels", 512 * 512 * 1000)))
         self.max_side = int(settings.get("max_side", 4096))
+        self.max_prompts = int(settings.get("max_prompts", 16))
+        self.zip_limits = ZipLimits(max_bytes=int(float(settings.get("max_unzipped_mb", 2048)) * 2**20),
+                                    max_ratio=float(settings.get("max_zip_ratio", 100)))
+        # the decoded scans and masks of all requests in flight; a request waits until its share fits
+        self.decoded = Budget(int(float(settings.get("max_decoded_mb", 6144)) * 2**20))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> str:
@@ -160,7 +178,7 @@ class SegmentAPI:
 
     async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview) -> Response:
         from medsam3.io.case import CaseError
-        from medsam3.io.scan import read_scan
+        from medsam3.io.scan import declared_shape, read_scan
 
         model_id = model_id or self.default
         if model_id not in self.checkpoints:
@@ -171,34 +189,35 @@ class SegmentAPI:
         prompts = [p.strip() for p in prompts]
         if not prompts or not all(prompts):
             raise UploadError(422, "every prompt must be non-empty text")
+        if len(prompts) > self.max_prompts:
+            raise UploadError(422, f"{len(prompts)} prompts: at most {self.max_prompts} per request")
         parsed = [parse_box(b) for b in boxes]
         if len(parsed) > len(prompts):
             raise UploadError(422, f"{len(parsed)} boxes for {len(prompts)} prompts")
         parsed += [None] * (len(prompts) - len(parsed))
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.max_bytes + 2**16:
-            raise UploadError(413, f"upload of {declared} bytes exceeds the limit of {self.max_bytes}")
-        data = await file.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            raise UploadError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
+        # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
-            path = await asyncio.to_thread(store_upload, data, file.filename, Path(private))
+            path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
             try:
-                scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
+                voxels = self._check_size(await asyncio.to_thread(declared_shape, path))
+                async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + len(prompts))):
+                    scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
+                    self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
+                    if fmt == "dicom-seg" and scan.kind != "dicom":
+                        raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
+                    results = await self._run(scan.case, prompts, parsed, model_id)
+                    return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private),
+                                                   model_id)
             except CaseError as exc:
                 raise UploadError(422, f"{file.filename}: {str(exc).replace(str(path), 'upload')}") from exc
-            self._check_size(scan)
-            if fmt == "dicom-seg" and scan.kind != "dicom":
-                raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
-            results = await self._run(scan.case, prompts, parsed, model_id)
-            return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private), model_id)
 
-    def _check_size(self, scan) -> None:
-        shape = scan.case.image.shape
-        spatial = shape if scan.is_3d else shape[:2]
-        if max(spatial) > self.max_side or int(np.prod(spatial)) > self.max_voxels:
-            raise UploadError(413, f"image of shape {list(spatial)} exceeds the limits "
+    def _check_size(self, shape: tuple[int, ...]) -> int:
+        """The voxels of a spatial shape, or 413 when it passes ``max_side`` / ``max_voxels``."""
+        voxels = int(np.prod(shape, dtype=np.float64))
+        if max(shape, default=0) > self.max_side or voxels > self.max_voxels:
+            raise UploadError(413, f"image of shape {list(shape)} exceeds the limits "
                                    f"(side ≤ {self.max_side}, voxels ≤ {self.max_voxels})")
+        return voxels
 
     async def _run(self, case, prompts, boxes, model_id):
         from medsam3.samples import Intensity

@@ -57,6 +57,8 @@ def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1"
 
     from medsam3.model import CheckpointError
     from serve.app import build_app
+    from serve.guard import ApiKeys, AuthError
+    from serve.limits import proxy_environment
 
     config = serve_config(config_file)
     args = app_args(config, checkpoints)
@@ -66,7 +68,14 @@ def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1"
     args["settings"]["storage"] = {**effective, **(args["settings"].get("storage") or {})}
     for name, extra in (overrides or {}).items():
         args["deployment_options"].setdefault(name, {}).update(extra)
+    try:  # a missing key file or variable stops here, not in a replica
+        ApiKeys.from_settings(args["settings"].get("auth"))
+    except AuthError as exc:
+        raise ServeError(str(exc)) from exc
     if not ray.is_initialized():
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            # the HTTP proxies that this Ray will start enforce the body limits (serve/limits.py)
+            os.environ.update(proxy_environment(args["settings"]))
         init_ray(address, include_dashboard=False, logging_level="WARNING",
                  num_cpus=None if address else max(os.cpu_count() or 1, 3))
     serve.start(http_options={"host": host, "port": int(port)})

@@ -2,14 +2,19 @@
 
 Nothing the client sends becomes a path: the file is stored under a fixed name with a suffix
 from a closed list, and a zip (one DICOM series) is extracted member by member after refusing
-absolute paths, ``..`` components and symlinks.
+absolute paths, ``..`` components and symlinks. Everything is copied in chunks: the bytes a zip
+member expands to are counted as they are written (headers can lie), and extraction stops with
+413 when the total or the expansion ratio passes its limit.
 """
 
 from __future__ import annotations
 
+import shutil
 import stat
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 SUFFIXES = (".nii.gz", ".nii", ".npz", ".png", ".jpg", ".jpeg", ".zip")
 
@@ -31,24 +36,44 @@ def upload_suffix(filename: str | None) -> str:
                            "NIfTI (.nii, .nii.gz), NPZ, or a zip of one DICOM series")
 
 
-def store_upload(data: bytes, filename: str | None, folder: Path, max_files: int = 5000) -> Path:
-    """Write the upload into ``folder``; returns the path to read (a file, or the extracted series)."""
+CHUNK = 2**20
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """What a zipped DICOM series may expand to."""
+
+    max_files: int = 5000
+    max_bytes: int = 2 * 2**30  # all members together, uncompressed
+    max_ratio: float = 100.0  # uncompressed / compressed bytes (CT series compress ~2-5x)
+
+
+def store_upload(source: BinaryIO, filename: str | None, folder: Path, limits: ZipLimits = ZipLimits()) -> Path:
+    """Copy the upload into ``folder``; returns the path to read (a file, or the extracted series)."""
     suffix = upload_suffix(filename)
+    path = folder / f"upload{suffix}"
+    with open(path, "wb") as sink:
+        shutil.copyfileobj(source, sink, CHUNK)
     if suffix != ".zip":
-        path = folder / f"upload{suffix}"
-        path.write_bytes(data)
         return path
-    archive = folder / "upload.zip"
-    archive.write_bytes(data)
-    target = folder / "series"
+    try:
+        return extract_series(path, folder / "series", limits)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def extract_series(archive: Path, target: Path, limits: ZipLimits) -> Path:
+    """Extract a zip safely into ``target`` (see the module doc)."""
     target.mkdir()
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = [m for m in zipped.infolist() if not m.is_dir()]
             if not members:
                 raise UploadError(422, "the zip holds no files")
-            if len(members) > max_files:
-                raise UploadError(413, f"the zip holds {len(members)} files; at most {max_files} are accepted")
+            if len(members) > limits.max_files:
+                raise UploadError(413, f"the zip holds {len(members)} files; at most {limits.max_files} are accepted")
+            written = 0
+            compressed = sum(m.compress_size for m in members)
             for member in members:
                 name = PurePosixPath(member.filename.replace("\\", "/"))
                 if name.is_absolute() or member.filename.startswith(("/", "\\")) or ":" in name.parts[0]:
@@ -60,9 +85,15 @@ def store_upload(data: bytes, filename: str | None, folder: Path, max_files: int
                 out = target.joinpath(*name.parts)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zipped.open(member) as source, open(out, "wb") as sink:
-                    sink.write(source.read())
+                    while chunk := source.read(CHUNK):
+                        written += len(chunk)
+                        if written > limits.max_bytes or written > limits.max_ratio * max(compressed, CHUNK):
+                            raise UploadError(413, f"the zip expands beyond its limits (at {written} bytes from "
+                                                   f"{compressed} compressed; at most {limits.max_bytes} bytes "
+                                                   f"and a ratio of {limits.max_ratio:g})")
+                        sink.write(chunk)
     except zipfile.BadZipFile as exc:
         raise UploadError(422, f"not a valid zip file ({exc})") from exc
-    finally:
-        archive.unlink(missing_ok=True)
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
+        raise UploadError(422, f"cannot extract the zip ({type(exc).__name__}: {exc})") from exc
     return target

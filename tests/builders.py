@@ -24,6 +24,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RECIST = SHARED / "medsam2-recist-ct"
 SAMMED2D = SHARED / "sam-med2d-demo"
 
+# Limits of the test endpoint (tests/test_serve.py); the session's Ray starts Serve's HTTP proxy
+# with the same body limit (conftest), as `medsam3 serve` does.
+SERVE_LIMITS = {"max_upload_mb": 4, "max_voxels": 512 * 512 * 10, "proxy_buffer_mb": 64}
+
 # A patient identity that must never reach the shards or the manifest.
 PHI = {
     "PatientName": "Doe^Jane^Q",

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from medsam3.ray_local import init_ray
-from tests.builders import RECIST, SAMMED2D, SHARED
+from tests.builders import RECIST, SAMMED2D, SERVE_LIMITS, SHARED
 
 # Credentials for the S3-compatible server the tests start (moto accepts any); set before Ray
 # starts so its workers inherit them, as they would inherit a real cluster's AWS environment.
@@ -27,7 +27,10 @@ def ray_local():
     """One embedded Ray for every test that runs a Ray job (starting Ray costs seconds)."""
     import ray
 
+    from serve.limits import proxy_environment
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.update(proxy_environment(SERVE_LIMITS))  # the body limit in Serve's HTTP proxy
     # 3 logical CPUs: two training workers plus one for the Ray Data pipeline that feeds them
     init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})

@@ -40,8 +40,9 @@ def items_of(segmenter: Segmenter, image: np.ndarray, prompt: str = "liver"):
 
 
 def images() -> list[np.ndarray]:
+    """Two real colour CT slices and a blank grayscale image (its square has one band, theirs three)."""
     real = [read_scan(SAMMED2D / "images" / name).case.image for name in SLICES[:2]]
-    return [*real, np.zeros_like(real[0])]
+    return [*real, np.zeros(real[0].shape[:2], np.uint8)]
 
 
 def same(a, b) -> bool:

@@ -1,24 +1,34 @@
 """`medsam3 serve`: a real local Ray + Serve on loopback, called over HTTP with a real client.
 
 The answers must equal `medsam3 predict` on the same input and checkpoint (one code path); two
-checkpoints are multiplexed behind one endpoint; bad inputs get clear 4xx answers and leave the
-server healthy; a burst of concurrent requests all succeed; the web page works in Chromium.
+checkpoints are multiplexed behind one endpoint; concurrent requests with different images each
+get their own image's answer; bad and hostile inputs get clear 4xx answers before memory is
+spent and leave the server healthy; /v1 needs an API key that never reaches a log; every Ray
+process listens on loopback only; the API survives fuzzing from its own OpenAPI schema; the web
+page works in Chromium.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import random
+import select
 import shutil
 import socket
+import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -29,13 +39,16 @@ from medsam3.inference import inference_config
 from medsam3.model import build_model
 from medsam3.transforms import display_slice
 from pipelines.predict import run_predict
-from tests.builders import SAMMED2D, load_recist, uint8_to_hu, write_ct_series
+from tests.builders import SAMMED2D, SERVE_LIMITS, load_recist, uint8_to_hu, write_ct_series
+from tests.test_serve_limits import big_png, nifti_claiming, zip_bomb
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 PNG = SAMMED2D / "images" / "amos_0004_75.png"
 THRESHOLD = 0.2535  # random tiny SAM3: partial masks (see test_predict)
-SETTINGS = {"max_upload_mb": 4, "max_voxels": 512 * 512 * 10, "inference": {"threshold": THRESHOLD}}
+KEY = "test-key-0f8e1c2d"  # the API key of the test endpoint (from a key file)
+WRONG_KEY = "wrong-key-77aa31"
+SETTINGS = {**SERVE_LIMITS, "inference": {"threshold": THRESHOLD}}
 
 
 def free_port() -> int:
@@ -57,7 +70,7 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoints, s3_endpoint):
+def url(checkpoints, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from medsam3.io import storage
@@ -67,10 +80,16 @@ def url(checkpoints, s3_endpoint):
     storage.upload(checkpoints["b"], "s3://medsam3-test/serve/seed1")
     served = {"a": str(checkpoints["a"]), "b": "s3://medsam3-test/serve/seed1"}
     one_replica = {"autoscaling_config": None, "num_replicas": 1}
+    keys = tmp_path_factory.mktemp("auth") / "api-keys"
+    keys.write_text(f"# test keys\n{KEY}\n")
     address = start(served, port=free_port(), overrides={"SegmentModel": one_replica},
-                    settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint}})
+                    settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint},
+                              "auth": {"api_keys_file": str(keys)}})
     yield address
     serve.shutdown()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def post(url: str, path: Path | None = None, prompts=("liver",), data: bytes | None = None, name: str | None = None,
@@ -78,7 +97,7 @@ def post(url: str, path: Path | None = None, prompts=("liver",), data: bytes | N
     content = data if data is not None else path.read_bytes()
     form = {"prompt": list(prompts), **fields}
     return requests.post(f"{url}/v1/segment", files={"file": (name or path.name, content)}, data=form,
-                         headers=headers, timeout=120)
+                         headers={**AUTH, **(headers or {})}, timeout=120)
 
 
 def decode(rle: dict) -> np.ndarray:
@@ -92,7 +111,7 @@ def predict_cfg():
 def test_health_models_and_docs(url):
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
-    models = requests.get(f"{url}/v1/models", timeout=10).json()
+    models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
     assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b"]
     assert "/v1/segment" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert "<canvas" in requests.get(f"{url}/", timeout=10).text
@@ -194,7 +213,8 @@ def test_bad_inputs_get_clear_answers_and_the_server_stays_up(url, tmp_path):
         answer = post(url, **kwargs)
         assert answer.status_code == status, (kwargs.get("name"), answer.text)
         assert message in answer.json()["detail"], answer.text
-    no_prompt = requests.post(f"{url}/v1/segment", files={"file": ("a.png", PNG.read_bytes())}, timeout=30)
+    no_prompt = requests.post(f"{url}/v1/segment", files={"file": ("a.png", PNG.read_bytes())}, headers=AUTH,
+                              timeout=30)
     assert no_prompt.status_code == 422
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
     assert post(url, PNG).status_code == 200
@@ -223,6 +243,8 @@ def test_the_page_in_headless_chromium(url, tmp_path):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
         page.set_input_files("#file", str(PNG))
         page.fill("#prompts", "liver")
         page.click("#go")
@@ -235,3 +257,193 @@ def test_the_page_in_headless_chromium(url, tmp_path):
     answer = post(url, PNG)
     assert masked == decode(answer.json()["masks"][0]["rle"][0]).sum()
     assert json.dumps(answer.json())  # plain JSON
+
+
+# --- concurrency: every answer from its own image -----------------------------------------------
+
+def test_concurrent_requests_with_different_images_get_their_own_answers(url):
+    """Two different CT slices and a blank image, one prompt, mixed order, all at once: each answer
+    equals the one its image gets alone (a (slice, window) sharing key handed out others' masks)."""
+    ct = [SAMMED2D / "images" / "amos_0004_75.png", SAMMED2D / "images" / "amos_0006_90.png"]
+    blank = io.BytesIO()
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(blank, format="PNG")
+    images = [p.read_bytes() for p in ct] + [blank.getvalue()]
+    alone = [decode(post(url, data=image, name="alone.png").json()["masks"][0]["rle"][0]) for image in images]
+    assert not np.array_equal(alone[0], alone[1]) and alone[0].any() and alone[1].any()
+    order = [i % 3 for i in range(36)]
+    random.Random(7).shuffle(order)
+    with ThreadPoolExecutor(max_workers=36) as pool:
+        answers = list(pool.map(lambda i: post(url, data=images[i], name="scan.png"), order))
+    assert [a.status_code for a in answers] == [200] * 36, answers[0].text
+    for i, answer in zip(order, answers, strict=True):
+        mask = decode(answer.json()["masks"][0]["rle"][0])
+        # batched and single float32 forward passes agree to rounding (tests/test_batching.py)
+        assert np.mean(mask != alone[i]) <= 1e-3, f"a request for image {i} got another image's mask"
+
+
+# --- hostile uploads: refused before memory is spent ----------------------------------------------
+
+def server_processes() -> list[psutil.Process]:
+    """Ray's processes (GCS, raylet, workers: the proxy, the ingress, the model replicas)."""
+    return psutil.Process().children(recursive=True)
+
+
+class PeakMemory(threading.Thread):
+    """Samples the resident memory of the server's processes (those alive at the start)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.processes = server_processes()
+        self.baseline = self.total()
+        self.peak = self.baseline
+        self.running = True
+
+    def total(self) -> int:
+        rss = 0
+        for process in self.processes:
+            with contextlib.suppress(psutil.Error):
+                rss += process.memory_info().rss
+        return rss
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, self.total())
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.running = False
+        self.join()
+        return self.peak - self.baseline
+
+
+def raw_post(url: str, parts: list[bytes], file_chunks, content_length: int | None = None) -> tuple[int, dict, int]:
+    """POST a multipart body over a plain socket, chunked unless ``content_length`` is given; stops
+    sending as soon as the server answers. Returns (status, JSON body, body bytes sent)."""
+    host, port = urlparse(url).hostname, urlparse(url).port
+    boundary = "medsam3boundary"
+    head = b"".join(parts) + (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+                              'Content-Type: image/png\r\n\r\n').encode()
+    framing = f"Content-Length: {content_length}" if content_length is not None else "Transfer-Encoding: chunked"
+    request = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\n{framing}\r\n\r\n").encode()
+    sent = 0
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(request)
+        try:
+            for chunk in [head, *file_chunks]:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the answer is already there
+                sock.sendall(chunk if content_length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1]), sent
+
+
+def prompt_part(boundary: str = "medsam3boundary") -> bytes:
+    return f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nliver\r\n'.encode()
+
+
+def test_hostile_uploads_are_refused_before_memory_is_spent(url, tmp_path):
+    bomb = zip_bomb(tmp_path / "bomb.zip", gib=1.0)  # 1 GiB of zeros in about 1 MB
+    png = big_png(tmp_path / "huge.png", 30000, 30000)
+    nifti = nifti_claiming(tmp_path / "huge.nii.gz", (2000, 2000, 2000))
+    megabyte = b"\0" * 2**20
+    monitor = PeakMemory()
+    monitor.start()
+    answers = {}
+    for name, path, status, message in [("zip bomb", bomb, 413, "zip expands beyond its limits"),
+                                        ("30000² PNG", png, 413, "[30000, 30000] exceeds the limits"),
+                                        ("2000³ NIfTI", nifti, 413, "[2000, 2000, 2000] exceeds the limits")]:
+        started = time.perf_counter()
+        answer = post(url, data=path.read_bytes(), name=path.name.replace("bomb", "series"))
+        answers[name] = (answer.status_code, time.perf_counter() - started)
+        assert answer.status_code == status and message in answer.json()["detail"], (name, answer.text)
+    # 600 MB without a Content-Length (chunked): cut at 4 MB, the rest is never sent
+    started = time.perf_counter()
+    status, body, sent = raw_post(url, [prompt_part()], (megabyte for _ in range(600)))
+    answers["600 MB chunked"] = (status, time.perf_counter() - started)
+    assert status == 413 and "upload too large" in body["detail"] and sent < 64 * 2**20
+    # a declared 600 MB body: refused from its Content-Length alone
+    status, body, sent = raw_post(url, [prompt_part()], (megabyte for _ in range(600)), content_length=600 * 2**20)
+    assert status == 413 and f"{600 * 2**20} bytes" in body["detail"] and sent < 64 * 2**20
+    grown = monitor.stop()
+    assert all(seconds < 10 for _, seconds in answers.values()), answers
+    assert grown < 256 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    assert post(url, PNG).status_code == 200
+
+
+# --- who may call it ------------------------------------------------------------------------------
+
+def test_v1_needs_an_api_key_that_never_reaches_a_log(url):
+    import ray
+
+    for headers in ({}, {"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": KEY}):
+        answer = requests.post(f"{url}/v1/segment", files={"file": ("a.png", PNG.read_bytes())},
+                               data={"prompt": "liver"}, headers=headers, timeout=30)
+        assert answer.status_code == 401 and "API key" in answer.json()["detail"]
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert requests.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 401
+    for path in ("/healthz", "/readyz", "/", "/openapi.json"):  # probes and the page stay open
+        assert requests.get(f"{url}{path}", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert sum(1 for f in logs.rglob("*") if f.is_file()) > 10
+    for log in (f for f in logs.rglob("*") if f.is_file()):
+        text = log.read_bytes()
+        assert KEY.encode() not in text and WRONG_KEY.encode() not in text, log
+
+
+# --- loopback ---------------------------------------------------------------------------------------
+
+def test_every_ray_process_listens_on_loopback_only(url):
+    listening = []
+    for process in server_processes():
+        try:
+            listening += [(process.name(), c.laddr) for c in process.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    assert len(listening) >= 5  # GCS, raylet, workers, the HTTP proxy
+    for name, address in listening:
+        assert address.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (name, address)
+
+
+# --- fuzzed from its own OpenAPI schema --------------------------------------------------------------
+
+def test_the_api_survives_fuzzing_from_its_openapi_schema(url):
+    """schemathesis generates requests from /openapi.json (bounded examples): no 5xx, and every
+    4xx answer is JSON with a `detail`; the replicas stay up."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings, strategies
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    failures = []
+    for operation in schema.get_all_operations():
+        api_operation = operation.ok()
+
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategies.one_of([api_operation.as_strategy(generation_mode=mode)
+                                       for mode in schemathesis.GenerationMode]))
+        def fuzz(case):
+            response = case.call(headers=AUTH, timeout=60)
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, response.status_code, response.text[:200]))
+            elif response.status_code >= 400:
+                body = response.json()
+                assert "detail" in body, (case.method, case.path, response.text[:200])
+
+        fuzz()
+    assert not failures, failures
+    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
+    assert post(url, PNG).status_code == 200

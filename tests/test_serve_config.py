@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
@@ -38,6 +40,6 @@ def test_uploads_are_stored_under_fixed_names(tmp_path):
     with pytest.raises(UploadError) as error:
         upload_suffix("../../etc/passwd")
     assert error.value.status == 415
-    path = store_upload(b"data", "../../evil.png", tmp_path)
+    path = store_upload(io.BytesIO(b"data"), "../../evil.png", tmp_path)
     assert path == tmp_path / "upload.png" and path.read_bytes() == b"data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upload.png"]

@@ -32,6 +32,10 @@ class SeriesGroup:
     files: list[str] = field(default_factory=list)
     segs: list[str] = field(default_factory=list)
     segment_labels: list[str] = field(default_factory=list)
+    # declared by the headers (largest Rows/Columns, frames of all files): a volume's size before decoding
+    rows: int = 0
+    columns: int = 0
+    frames: int = 0
 
 
 def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[tuple[str, str]]]:
@@ -58,6 +62,9 @@ def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[t
             continue
         group = groups.setdefault(str(uid), SeriesGroup(str(uid), str(ds.get("Modality", ""))))
         group.files.append(rel)
+        group.rows = max(group.rows, int(ds.get("Rows", 0) or 0))
+        group.columns = max(group.columns, int(ds.get("Columns", 0) or 0))
+        group.frames += int(ds.get("NumberOfFrames", 1) or 1)
     orphans = []
     for rel, uid, ref, labels in segs:
         if ref in groups:
