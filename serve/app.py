@@ -102,9 +102,9 @@ class SegmentModel:
 api = FastAPI(title="MedSAM3", description="Prompt-driven segmentation of medical images with SAM3 "
               "fine-tuned on medical data. POST a scan and text prompts to /v1/segment.")
 api.add_middleware(IngressGuard)  # API keys and the body limit, before any body is read
-# Decoded bytes a request holds per voxel, besides one byte per prompt for its mask: the scan as
-# stored (int16/uint8, float32 for some NIfTI) and the window being cut (measured: README, serve).
-BYTES_PER_VOXEL = 6
+# Peak bytes a volume request holds per voxel, besides one byte per prompt: benchmarks/serve_memory.py
+# measured 4.0-4.2 (int16 CT) and 8.0 (float32) with one prompt, +0.6-0.9 per further prompt.
+BYTES_PER_VOXEL = 8
 
 
 @serve.deployment(name="SegmentAPI", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})

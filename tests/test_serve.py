@@ -10,6 +10,7 @@ page works in Chromium.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -376,6 +377,7 @@ def test_hostile_uploads_are_refused_before_memory_is_spent(url, tmp_path):
     status, body, sent = raw_post(url, [prompt_part()], (megabyte for _ in range(600)), content_length=600 * 2**20)
     assert status == 413 and f"{600 * 2**20} bytes" in body["detail"] and sent < 64 * 2**20
     grown = monitor.stop()
+    print(f"hostile uploads: {answers}; server memory grew by at most {grown / 2**20:.0f} MiB")
     assert all(seconds < 10 for _, seconds in answers.values()), answers
     assert grown < 256 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
@@ -427,16 +429,17 @@ def test_the_api_survives_fuzzing_from_its_openapi_schema(url):
     from hypothesis import HealthCheck, given, settings, strategies
 
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    failures = []
+    failures, calls = [], []
     for operation in schema.get_all_operations():
         api_operation = operation.ok()
 
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=100, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=strategies.one_of([api_operation.as_strategy(generation_mode=mode)
                                        for mode in schemathesis.GenerationMode]))
         def fuzz(case):
             response = case.call(headers=AUTH, timeout=60)
+            calls.append((case.method, case.path, response.status_code))
             if response.status_code >= 500:
                 failures.append((case.method, case.path, response.status_code, response.text[:200]))
             elif response.status_code >= 400:
@@ -444,6 +447,8 @@ def test_the_api_survives_fuzzing_from_its_openapi_schema(url):
                 assert "detail" in body, (case.method, case.path, response.text[:200])
 
         fuzz()
+    print(f"schemathesis: {len(calls)} calls, statuses {sorted(collections.Counter(c[2] for c in calls).items())}")
+    assert {path for _, path, _ in calls} >= {"/v1/segment", "/v1/models", "/healthz", "/readyz"}
     assert not failures, failures
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
     assert post(url, PNG).status_code == 200

@@ -1,0 +1,80 @@
+"""Memory the serve ingress spends on one volume request (run: ``python benchmarks/serve_memory.py``).
+
+Each measurement runs in a fresh process: a CT volume (int16 or float32) as a gzipped NIfTI goes through the
+ingress's own path (``read_scan``, items made chunk by chunk as ``SegmentAPI._run`` does, answers
+filled in, the NIfTI label map written) with the model's answers replaced by empty masks (the
+model runs in another process). The peak resident memory above the process's baseline, divided
+by the voxels, is the per-voxel cost that ``serve/app.py``'s ``BYTES_PER_VOXEL`` (+ 1 byte per
+prompt) budgets with ``max_decoded_mb``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def one_request(path: Path, prompts: int, queue) -> None:
+    """The ingress's work on one volume request; puts (peak RSS above baseline, voxels)."""
+    import numpy as np
+
+    from medsam3.inference import Preprocessor, SliceAnswer, inference_config
+    from medsam3.io.scan import read_scan
+    from medsam3.io.write import write_nifti_labels
+    from medsam3.samples import Intensity
+
+    cfg = inference_config()
+    names = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta"][:prompts]
+    prep = Preprocessor(cfg, 1008)  # items at the sam3 preset's input size, as serve ships them
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scan = read_scan(path)
+    case = scan.case
+    intensity = Intensity(case, cfg.prepare)
+    results = prep.results(case, names, [None] * prompts, None)
+    count, chunk = prep.num_slices(case), int(cfg.batch_size)
+    for start in range(0, count, chunk):
+        items = prep.items(case, names, [None] * prompts, range(start, min(start + chunk, count)), intensity)
+        answers = [SliceAnswer(np.zeros(item.out_hw, bool), 0.0) for item in items]
+        prep.fill(case, results, items, answers)
+    write_nifti_labels([r.mask for r in results], case.affine, path.with_name("labels.nii.gz"), scan.source_affine)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put((peak - baseline, case.image.size))
+
+
+def measure(shape: tuple[int, int, int], prompts: int, dtype: str) -> float:
+    """Bytes per voxel; the volume is written here, so the measuring process only reads it."""
+    import nibabel as nib
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ct.nii.gz"
+        volume = np.random.default_rng(0).integers(-1000, 1000, size=shape, dtype=np.int16).astype(dtype)
+        nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.0, 1.0])), path)
+        del volume
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        process = context.Process(target=one_request, args=(path, prompts, queue))
+        process.start()
+        grown, voxels = queue.get()
+        process.join()
+    return grown / voxels
+
+
+def main() -> None:
+    print("ingress memory per voxel of a volume request (CT, NIfTI in and out)")
+    print("volume           dtype    prompts  bytes/voxel  budgeted (8 + prompts)")
+    for shape, dtype, prompts in [((512, 512, 100), "int16", 1), ((512, 512, 100), "int16", 4),
+                                  ((512, 512, 300), "int16", 1), ((512, 512, 300), "int16", 4),
+                                  ((512, 512, 100), "float32", 1), ((512, 512, 100), "float32", 4)]:
+        per_voxel = measure(shape, prompts, dtype)
+        print(f"{'x'.join(map(str, shape)):15s}  {dtype:7s}  {prompts:7d}  {per_voxel:11.2f}  {8 + prompts:10d}")
+
+
+if __name__ == "__main__":
+    main()
