@@ -62,10 +62,24 @@ def test_the_schema_check_catches_mistakes():
 
 
 def test_rayservice_embeds_the_projects_serve_config_and_cluster():
+    from serve.limits import proxy_environment
+
     service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
     project = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == project
-    assert service["spec"]["rayClusterConfig"] == yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())["spec"]
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    settings = embedded["applications"][0]["args"]["settings"]
+    assert settings["auth"] == {"api_keys_file": None, "api_keys_env": "MEDSAM3_API_KEYS"}  # keys required
+    settings["auth"]["api_keys_env"] = None
+    assert embedded == project  # otherwise the very same config
+    cluster = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())["spec"]
+    spec = service["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container.pop("env")}
+            assert env.pop("MEDSAM3_API_KEYS") == {"secretKeyRef": {"name": "medsam3-api-keys", "key": "keys"}}
+            assert env == proxy_environment(project["applications"][0]["args"]["settings"])
+    assert spec == cluster
     check = subprocess.run([sys.executable, str(ROOT / "infra" / "render.py"), "--check"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
