@@ -198,13 +198,13 @@ class SegmentAPI:
         # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
             path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
+            if fmt == "dicom-seg" and not path.is_dir():  # a zip was extracted into a folder
+                raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
             try:
                 voxels = self._check_size(await asyncio.to_thread(declared_shape, path))
                 async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + len(prompts))):
                     scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
                     self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
-                    if fmt == "dicom-seg" and scan.kind != "dicom":
-                        raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
                     results = await self._run(scan.case, prompts, parsed, model_id)
                     return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private),
                                                    model_id)
