@@ -7,7 +7,9 @@ ground-truth instances (Hungarian matching on class, box L1 and GIoU costs), the
 - boxes: L1 + GIoU on matched pairs (normalised xyxy);
 - masks: focal + Dice on matched pairs, predictions upsampled to the target grid;
 - semantic head: focal + Dice against the union of the instances.
-Every weight is a config number (``configs/train.yaml``, ``loss:``).
+Every weight is a config number (``configs/train.yaml``, ``loss:``). The terms are computed in
+float32 on the model's device whatever the model's dtype (bf16 on GPUs): targets are moved there,
+and every tensor made here is made there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Target:
     @property
     def num(self) -> int:
         return int(self.boxes.shape[0])
+
+    def to(self, device: torch.device) -> Target:
+        return Target(self.boxes.to(device, torch.float32), self.masks.to(device, torch.float32))
 
 
 def instances_from_mask(mask: np.ndarray, min_pixels: int = 1) -> Target:
@@ -90,26 +95,33 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, target: Target, weights: Mapping[str, float]):
-    """Indices (queries, instances) of the optimal one-to-one assignment for one sample."""
+    """Indices (queries, instances) of the optimal one-to-one assignment for one sample, on the
+    predictions' device (the assignment itself is solved by scipy on the CPU)."""
+    device = logits.device
     if target.num == 0:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty
+    logits, boxes = logits.float(), boxes.float()
+    target_boxes = target.boxes.to(device, torch.float32)
     prob = logits.sigmoid()[:, None]
     alpha, gamma = weights["class_alpha"], weights["class_gamma"]
     positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
     negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
     cost = (
         weights["cost_class"] * (positive - negative)
-        + weights["cost_box"] * torch.cdist(boxes, target.boxes, p=1)
-        - weights["cost_giou"] * generalized_box_iou(boxes, target.boxes)
+        + weights["cost_box"] * torch.cdist(boxes, target_boxes, p=1)
+        - weights["cost_giou"] * generalized_box_iou(boxes, target_boxes)
     )
-    queries, instances = linear_sum_assignment(cost.float().cpu().numpy())
-    return torch.as_tensor(queries, dtype=torch.long), torch.as_tensor(instances, dtype=torch.long)
+    queries, instances = linear_sum_assignment(cost.cpu().numpy())
+    return (torch.as_tensor(queries, dtype=torch.long, device=device),
+            torch.as_tensor(instances, dtype=torch.long, device=device))
 
 
 def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """All loss terms (weighted) and their sum under ``"loss"`` for a batch of SAM3 outputs."""
-    logits, boxes, masks = outputs.pred_logits, outputs.pred_boxes, outputs.pred_masks
+    logits, boxes, masks = outputs.pred_logits.float(), outputs.pred_boxes.float(), outputs.pred_masks.float()
+    device = logits.device
+    targets = [t.to(device) for t in targets]
     batch = logits.shape[0]
     num_instances = max(1.0, float(sum(t.num for t in targets)))
     class_targets = torch.zeros_like(logits)
@@ -118,20 +130,20 @@ def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -
         queries, instances = hungarian_match(logits[i], boxes[i], target, weights)
         class_targets[i, queries] = 1.0
         matched_boxes.append(boxes[i, queries])
-        target_boxes.append(target.boxes[instances].to(boxes))
+        target_boxes.append(target.boxes[instances])
         if len(queries):
             size = target.masks.shape[-2:]
             matched_masks.append(F.interpolate(masks[i, queries][None], size=size, mode="bilinear",
                                                align_corners=False)[0])
-            target_masks.append(target.masks[instances].to(masks))
+            target_masks.append(target.masks[instances])
     terms = {
         "class": weights["class"] * sigmoid_focal_loss(logits, class_targets, weights["class_alpha"],
                                                       weights["class_gamma"]).sum() / num_instances,
     }
-    present = torch.tensor([float(t.num > 0) for t in targets], device=logits.device)
+    present = torch.tensor([float(t.num > 0) for t in targets], device=device)
     if outputs.presence_logits is not None:
         terms["presence"] = weights["presence"] * F.binary_cross_entropy_with_logits(
-            outputs.presence_logits.reshape(batch), present)
+            outputs.presence_logits.float().reshape(batch), present)
     pred_b, gt_b = torch.cat(matched_boxes), torch.cat(target_boxes)
     if len(pred_b):
         terms["box_l1"] = weights["box_l1"] * F.l1_loss(pred_b, gt_b, reduction="sum") / num_instances
@@ -147,9 +159,9 @@ def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -
         terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
     if outputs.semantic_seg is not None:
         union = torch.stack([
-            (t.masks.amax(0) if t.num else torch.zeros(t.masks.shape[-2:])) for t in targets
-        ]).to(logits)
-        semantic = F.interpolate(outputs.semantic_seg, size=union.shape[-2:], mode="bilinear",
+            (t.masks.amax(0) if t.num else torch.zeros(t.masks.shape[-2:], device=device)) for t in targets
+        ])
+        semantic = F.interpolate(outputs.semantic_seg.float(), size=union.shape[-2:], mode="bilinear",
                                  align_corners=False)[:, 0]
         terms["semantic_focal"] = weights["semantic_focal"] * sigmoid_focal_loss(
             semantic, union, weights["mask_alpha"], weights["class_gamma"]).flatten(1).mean(1).mean()

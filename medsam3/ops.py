@@ -33,7 +33,8 @@ def roi_align(
     if isinstance(boxes, torch.Tensor):
         index, coords = boxes[:, 0].long(), boxes[:, 1:]
     else:
-        index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
+        index = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=features.device)
+                           for i, b in enumerate(boxes)])
         coords = torch.cat(list(boxes)) if len(boxes) else features.new_zeros((0, 4))
     pooled = [
         _pool_one(features[i], box, ph, pw, spatial_scale, sampling_ratio, aligned)
@@ -47,17 +48,21 @@ def roi_align(
 def _pool_one(feature, box, ph, pw, scale, sampling_ratio, aligned):
     channels, height, width = feature.shape
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (box.to(feature.dtype) * scale - offset).unbind()
+    # sample positions and weights in float32 whatever the features' dtype (bf16 would round a
+    # coordinate of 250.3 to 250), the result in the features' dtype, as torchvision does
+    coord = torch.promote_types(feature.dtype, torch.float32)
+    x1, y1, x2, y2 = (box.to(feature.device, coord) * scale - offset).unbind()
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:  # torchvision forces malformed boxes to 1x1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     bin_h, bin_w = roi_h / ph, roi_w / pw
     grid_h = sampling_ratio if sampling_ratio > 0 else max(1, math.ceil(float(roi_h) / ph))
     grid_w = sampling_ratio if sampling_ratio > 0 else max(1, math.ceil(float(roi_w) / pw))
-    steps_h = (torch.arange(grid_h, dtype=feature.dtype) + 0.5) / grid_h
-    steps_w = (torch.arange(grid_w, dtype=feature.dtype) + 0.5) / grid_w
-    ys = y1 + (torch.arange(ph, dtype=feature.dtype)[:, None] + steps_h[None, :]) * bin_h  # (ph, gh)
-    xs = x1 + (torch.arange(pw, dtype=feature.dtype)[:, None] + steps_w[None, :]) * bin_w  # (pw, gw)
+    grid = {"dtype": coord, "device": feature.device}
+    steps_h = (torch.arange(grid_h, **grid) + 0.5) / grid_h
+    steps_w = (torch.arange(grid_w, **grid) + 0.5) / grid_w
+    ys = y1 + (torch.arange(ph, **grid)[:, None] + steps_h[None, :]) * bin_h  # (ph, gh)
+    xs = x1 + (torch.arange(pw, **grid)[:, None] + steps_w[None, :]) * bin_w  # (pw, gw)
     y, x = ys.reshape(-1)[:, None], xs.reshape(-1)[None, :]  # every sample point of the box
     y, x = y.expand(-1, x.shape[1]), x.expand(y.shape[0], -1)
     outside = (y < -1.0) | (y > height) | (x < -1.0) | (x > width)
@@ -77,7 +82,7 @@ def _pool_one(feature, box, ph, pw, scale, sampling_ratio, aligned):
              + ly * hx * at(y_high, x_low) + ly * lx * at(y_high, x_high))
     value = value.masked_fill(outside, 0.0)
     value = value.reshape(channels, ph, grid_h, pw, grid_w)
-    return value.mean(dim=(2, 4))
+    return value.mean(dim=(2, 4)).to(feature.dtype)
 
 
 def enable_box_prompts() -> None:

@@ -42,14 +42,25 @@ class TrainError(StageError):
     """The run cannot start (bad shards, not enough resources) or was stopped (NaN loss)."""
 
 
-def deepspeed_config(cfg: DictConfig, use_gpu: bool) -> dict[str, Any]:
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def precision(cfg: DictConfig) -> str:
+    """``train.precision`` resolved: ``auto`` is bf16 with GPUs and fp32 on CPU."""
+    value = str(cfg.train.precision)
+    if value not in PRECISIONS:
+        raise TrainError(f"train.precision={value!r}: expected one of {', '.join(PRECISIONS)}")
+    return ("bf16" if cfg.train.use_gpu else "fp32") if value == "auto" else value
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": int(cfg.train.batch_size),
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(cfg.optim.gradient_clipping),
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
                               **OmegaConf.to_container(cfg.train.zero_optimization, resolve=True)},
-        "bf16": {"enabled": bool(use_gpu)},
+        "bf16": {"enabled": precision(cfg) == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -91,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, bool(cfg.train.use_gpu)),
+        config=deepspeed_config(cfg),
     )
     rng = np.random.default_rng(seed * 1000 + rank)
     step = 0
@@ -108,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     weights = {k: float(v) for k, v in cfg.loss.items()}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.train.val_every else None
-    device = engine.device
+    to_engine = engine_inputs(engine)
     batch_size = int(cfg.train.batch_size)
     while step < int(cfg.train.max_steps):
         # The data position is (epoch, batch in epoch) = divmod(step, steps_per_epoch): a resumed or
@@ -131,8 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             data_wait = started - waited_from
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
                                       float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            outputs = engine(**inputs)
+            outputs = engine(**to_engine(inputs))
             # non-finite outputs would already break the matching, so check them before the loss
             finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))
             terms = set_loss(outputs, targets, weights) if finite else None
@@ -148,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[-1] if scheduler else 0.0,
                        "samples_per_s": batch_size * world / (step_time + data_wait),
                        "step_s": step_time, "data_wait_s": data_wait,
+                       "dtype": str(outputs.pred_logits.dtype).removeprefix("torch."),
                        **{k: float(v) for k, v in terms.items()},
                        "train_dice": float(np.mean(merged_dice(outputs, batch["mask"]))),
                        "samples": _gather_sample_ids(batch, world)}
@@ -174,11 +185,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.eval()
     with torch.no_grad():
         probe = probe_inputs(tokenizer, int(config["image_size"]))
-        out = engine(**{k: v.to(device) for k, v in probe.items()})
+        out = engine(**to_engine(probe))
     if rank == 0:
         buffer = io.BytesIO()
         torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()}, buffer)
         storage.write_bytes(storage.join(config["run_dir"], "probe_outputs.pt"), buffer.getvalue())
+
+
+def engine_inputs(engine):
+    """A function moving a batch of model inputs to the engine's device, floating-point ones in
+    its parameters' dtype (bf16 engines take bf16 pixels and boxes; ids and masks stay integer)."""
+    import torch
+
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+    def move(inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(engine.device, dtype) if v.is_floating_point() else v.to(engine.device)
+                for k, v in inputs.items()}
+
+    return move
 
 
 def _gather_sample_ids(batch, world: int) -> list[str]:
@@ -239,7 +264,7 @@ def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
             if i >= int(cfg.train.val_batches):
                 break
             inputs, _ = collate(batch, tokenizer, np.random.default_rng(0))
-            out = engine(**{k: v.to(engine.device) for k, v in inputs.items()})
+            out = engine(**engine_inputs(engine)(inputs))
             scores += merged_dice(out, batch["mask"])
     engine.train()
     return float(np.mean(scores)) if scores else float("nan")
@@ -313,6 +338,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     from pipelines.train_data import eval_transform, swap_sides, train_transform
 
     manifest = validate_shards(shards)  # before any worker starts
+    precision(cfg)  # a bad value stops here
     cfg.storage = storage.settings()  # workers get the settings in force here (config or environment)
     run_dir = os.fspath(run_dir) if storage.is_remote(run_dir) else os.fspath(Path(run_dir).absolute())
     log_dir = working_dir(run_dir)

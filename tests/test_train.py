@@ -4,6 +4,7 @@ real CT slices from ../shared/data through `prepare`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -111,6 +112,32 @@ def test_fine_tuned_beats_its_starting_point_in_evaluate(trained, shards, tmp_pa
     dice = table[table["mode"] == "text"].groupby("checkpoint")["dice"].mean()
     assert dice["tuned"] > max(0.5, dice["vanilla"] + 0.3), dice.to_dict()
     assert json.loads((tuned / "medsam3_export.json").read_text())["prompts"]  # trained prompts recorded
+
+
+def test_bf16_zero3_on_cpu_trains_and_exports(shards, tmp_path):
+    """The dtype half of the GPU path: DeepSpeed's bf16 on its CPU accelerator, 2 ZeRO-3 workers,
+    box prompts on (roi_align on bf16 features); float32 losses fall, the export loads in fp32."""
+    from transformers import AutoTokenizer, Sam3Model
+
+    fixed = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
+             "train.intensity_jitter=0", "train.box_prompt_prob=1.0", "optim.warmup_steps=3", "optim.lr_heads=3e-3",
+             "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3", "optim.lr_detr_encoder=1e-3"]
+    run_dir = tmp_path / "bf16"
+    result = run_train(shards, run_dir, train_cfg("train.precision=bf16", "train.max_steps=16",
+                                                  "train.checkpoint_every=16", *fixed))
+    assert result.error is None
+    log = metrics(run_dir)
+    assert {m["dtype"] for m in log} == {"bfloat16"} and len(log) == 16
+    assert all(math.isfinite(m["loss"]) for m in log)
+    first, last = (sum(m["loss"] for m in part) / 4 for part in (log[:4], log[-4:]))
+    assert last < 0.8 * first, (first, last)
+    model = Sam3Model.from_pretrained(export_run(run_dir, tmp_path / "model"))
+    assert next(model.parameters()).dtype == torch.float32
+    probe = probe_inputs(AutoTokenizer.from_pretrained(tmp_path / "model"), 224)
+    with torch.no_grad():
+        assert torch.isfinite(model(**probe).pred_logits).all()
+    with pytest.raises(TrainError, match="train.precision='fp16'"):
+        run_train(shards, tmp_path / "bad", train_cfg("train.precision=fp16"))
 
 
 def test_resume_by_name_continues_at_the_same_step_and_data_position(shards, tmp_path):
