@@ -27,6 +27,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     """The same per-worker batches, model, loss and optimizer in this process (no Ray, no DeepSpeed)."""
     import pyarrow.dataset as pads
     import torch
+    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
     from medsam3.losses import set_loss
@@ -43,8 +44,8 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         enable_activation_checkpointing(model)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
-    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
-    weights = {k: float(v) for k, v in cfg.loss.items()}
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, int(cfg.train.max_steps))
+    weights = OmegaConf.to_container(cfg.loss, resolve=True)
     rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
     rng = np.random.default_rng(0)
     size, batch = 224, int(cfg.train.batch_size)
@@ -54,7 +55,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         numpy_batch = {k: np.array([r[k] for r in picked], dtype=object) if k == "prompt" else
                        np.stack([r[k] for r in picked]) for k in ("pixel_values", "mask", "prompt")}
         started = time.perf_counter()
-        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob))
+        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob), loss=weights)
         loss = set_loss(model(**inputs), targets, weights)["loss"]
         optimizer.zero_grad()
         loss.backward()

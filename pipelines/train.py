@@ -7,8 +7,9 @@ The recipe, top to bottom (the canonical Ray + DeepSpeed loop):
    DeepSpeed ZeRO-3 engine; restore the latest checkpoint if the run already has one;
 3. stream the worker's shard, match and compute the losses, step; every N steps each rank saves
    its ZeRO-3 shard and all report one ``ray.train.Checkpoint``;
-4. rank 0 reports every loss term, the learning rate and samples/s (validation Dice every K
-   steps); the driver's node logs them to ``metrics.jsonl`` and the console, and plots the curves.
+4. rank 0 reports every loss term, the learning rate and samples/s, and every K steps the
+   validation Dice over all ranks' held-out samples (queries selected as ``predict`` does); the
+   driver's node logs them to ``metrics.jsonl`` and the console, and plots the curves.
 A run started again with the same RUN_DIR resumes from its latest checkpoint. RUN_DIR may be an
 ``s3://`` URI: Ray Train keeps checkpoints there, and the logs are uploaded at each checkpoint.
 """
@@ -99,7 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(folder, file).write_bytes(data)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
-    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps)
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, int(cfg.train.max_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg),
@@ -116,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rng_file.is_file():  # absent when the world size changed: keep the fresh stream
                 rng.bit_generator.state = json.loads(rng_file.read_text())
 
-    weights = {k: float(v) for k, v in cfg.loss.items()}
+    weights = OmegaConf.to_container(cfg.loss, resolve=True)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.train.val_every else None
     to_engine = engine_inputs(engine)
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             started = time.perf_counter()
             data_wait = started - waited_from
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
-                                      float(cfg.train.box_noise), float(cfg.train.box_noise_max_px))
+                                      float(cfg.train.box_noise), float(cfg.train.box_noise_max_px), weights)
             outputs = engine(**to_engine(inputs))
             # non-finite outputs would already break the matching, so check them before the loss
             finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))
@@ -160,10 +161,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        "step_s": step_time, "data_wait_s": data_wait,
                        "dtype": str(outputs.pred_logits.dtype).removeprefix("torch."),
                        **{k: float(v) for k, v in terms.items()},
-                       "train_dice": float(np.mean(merged_dice(outputs, batch["mask"]))),
+                       "train_dice": float(np.mean(merged_dice(outputs, batch["mask"], float(cfg.train.threshold)))),
                        "samples": _gather_sample_ids(batch, world)}
             if val_shard is not None and step % int(cfg.train.val_every) == 0:
-                metrics["val_dice"] = validation_dice(engine, val_shard, tokenizer, cfg)
+                metrics["val_dice"], metrics["val_samples"] = validation_dice(engine, val_shard, tokenizer, cfg)
             if step % int(cfg.train.checkpoint_every) == 0 or step >= int(cfg.train.max_steps):
                 with tempfile.TemporaryDirectory() as folder:
                     engine.save_checkpoint(folder, tag="checkpoint")
@@ -231,16 +232,16 @@ def probe_inputs(tokenizer, size: int) -> dict[str, Any]:
             "attention_mask": tokens["attention_mask"]}
 
 
-def merged_dice(outputs, masks: np.ndarray, threshold: float = 0.5) -> list[float]:
-    """Dice of each sample's merged prediction: queries with score × presence > threshold, or the
-    best query when presence says the target is there but no query passes."""
+def merged_dice(outputs, masks: np.ndarray, threshold: float) -> list[float]:
+    """Dice of each sample's prediction made as inference makes it (``select_queries``): the masks
+    of the queries whose score × presence exceeds ``threshold``, merged; empty when none passes."""
     import torch
     import torch.nn.functional as F
 
+    from medsam3.inference import select_queries
+
     with torch.no_grad():
-        score = outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid()  # (B, Q)
-        best = score == score.max(dim=1, keepdim=True).values
-        keep = (score > threshold) | (best & (outputs.presence_logits.sigmoid() > 0.5))
+        _, keep = select_queries(outputs.pred_logits.float(), outputs.presence_logits.float(), threshold)
         pred = F.interpolate(outputs.pred_masks.float(), size=masks[0].shape, mode="bilinear") > 0
         merged = (pred & keep[:, :, None, None]).any(1).cpu().numpy()
     scores = []
@@ -251,23 +252,31 @@ def merged_dice(outputs, masks: np.ndarray, threshold: float = 0.5) -> list[floa
     return scores
 
 
-def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> float:
-    """Mean Dice of the merged predicted mask (queries with score × presence > 0.5) on a few batches."""
+def validation_dice(engine, shard, tokenizer, cfg: DictConfig) -> tuple[float, int]:
+    """Mean Dice over the validation samples of every rank (their sums are all-reduced), text
+    prompts only and inference's selection rule; returns (mean, samples). Ray Train splits the
+    validation rows equally, so every rank runs the same number of batches (ZeRO-3 needs that)."""
     import torch
+    import torch.distributed as dist
 
     from pipelines.train_data import collate
 
-    scores = []
+    total, count = 0.0, 0
+    to_engine = engine_inputs(engine)
     engine.eval()
     with torch.no_grad():
         for i, batch in enumerate(shard.iter_batches(batch_size=int(cfg.train.batch_size), batch_format="numpy")):
             if i >= int(cfg.train.val_batches):
                 break
             inputs, _ = collate(batch, tokenizer, np.random.default_rng(0))
-            out = engine(**engine_inputs(engine)(inputs))
-            scores += merged_dice(out, batch["mask"])
+            scores = merged_dice(engine(**to_engine(inputs)), batch["mask"], float(cfg.train.threshold))
+            total, count = total + sum(scores), count + len(scores)
     engine.train()
-    return float(np.mean(scores)) if scores else float("nan")
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+    sums = torch.tensor([total, count], dtype=torch.float64, device=engine.device if nccl else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (float(sums[0] / sums[1]) if sums[1] else float("nan")), int(sums[1])
 
 
 def log_metrics(log_dir: Path, metrics: dict[str, Any]) -> None:

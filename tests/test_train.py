@@ -54,7 +54,8 @@ def trained(shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "overfit"
     # Overfitting a handful of fixed samples: no augmentation, no box prompts, larger steps.
     fixed = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
-             "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.lr_heads=3e-3",
+             "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.cooldown_steps=0",
+             "optim.lr_heads=3e-3",
              "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3", "optim.lr_detr_encoder=1e-3"]
     result = run_train(shards, run_dir, train_cfg("train.max_steps=80", "train.checkpoint_every=40", *fixed))
     assert result.error is None
@@ -120,7 +121,8 @@ def test_bf16_zero3_on_cpu_trains_and_exports(shards, tmp_path):
     from transformers import AutoTokenizer, Sam3Model
 
     fixed = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
-             "train.intensity_jitter=0", "train.box_prompt_prob=1.0", "optim.warmup_steps=3", "optim.lr_heads=3e-3",
+             "train.intensity_jitter=0", "train.box_prompt_prob=1.0", "optim.warmup_steps=3", "optim.cooldown_steps=0",
+             "optim.lr_heads=3e-3",
              "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3", "optim.lr_detr_encoder=1e-3"]
     run_dir = tmp_path / "bf16"
     result = run_train(shards, run_dir, train_cfg("train.precision=bf16", "train.max_steps=16",
@@ -138,6 +140,23 @@ def test_bf16_zero3_on_cpu_trains_and_exports(shards, tmp_path):
         assert torch.isfinite(model(**probe).pred_logits).all()
     with pytest.raises(TrainError, match="train.precision='fp16'"):
         run_train(shards, tmp_path / "bad", train_cfg("train.precision=fp16"))
+
+
+def test_validation_counts_every_ranks_samples_with_inferences_selection(shards, tmp_path):
+    """val_every > 0: the Dice is reduced over both ranks' validation rows (not rank 0's share)."""
+    from pipelines.train_data import in_validation
+
+    # a seed that holds out exactly the case with two rows (liver and spleen): one row per rank
+    seed = next(s for s in range(1000) if [in_validation("ct2d", c, 0.5, s) for c in
+                                           ("amos_0004_75", "amos_0006_90", "s0619_32")] == [False, True, False])
+    run_dir = tmp_path / "val"
+    result = run_train(shards, run_dir, load_config("train", [
+        f"train.seed={seed}", "train.val_fraction=0.5", "train.val_every=2", "train.val_batches=100",
+        "train.batch_size=1", "train.max_steps=4", "train.checkpoint_every=4"]))
+    assert result.error is None
+    validated = [m for m in metrics(run_dir) if "val_dice" in m]
+    assert [m["step"] for m in validated] == [2, 4]
+    assert all(m["val_samples"] == 2 and 0.0 <= m["val_dice"] <= 1.0 for m in validated)
 
 
 def test_resume_by_name_continues_at_the_same_step_and_data_position(shards, tmp_path):
