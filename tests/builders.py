@@ -8,7 +8,12 @@ give the same pixels as on the NPZ (up to rounding): a strong check of orientati
 from __future__ import annotations
 
 import datetime
+import gzip
+import io
 import json
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import highdicom as hd
@@ -177,3 +182,37 @@ def reorient(canonical: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[n
     ornt = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(axcodes)))
     data = apply_orientation(canonical, ornt)
     return np.ascontiguousarray(data), affine @ inv_ornt_aff(ornt, canonical.shape)
+
+
+# --- hostile uploads (tests/test_serve_limits.py, tests/test_serve.py) ---------------------------
+
+def big_png(path: Path, width: int, height: int) -> Path:
+    """A valid grayscale PNG of any size, written row by row (never held in memory)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), b"\0" * (width + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def nifti_claiming(path: Path, shape: tuple[int, ...]) -> Path:
+    """A gzipped NIfTI whose header declares ``shape`` (int16) followed by a few bytes of data."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    buffer = io.BytesIO()
+    header.write_to(buffer)
+    path.write_bytes(gzip.compress(buffer.getvalue() + b"\0" * 4 + b"\1" * 1024))
+    return path
+
+
+def zip_bomb(path: Path, gib: float = 1.0) -> Path:
+    """A small zip whose one member expands to ``gib`` GiB of zeros (written in chunks)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("slice.dcm", "w",
+                                                                                   force_zip64=True) as member:
+        for _ in range(int(gib * 1024)):
+            member.write(b"\0" * 2**20)
+    return path

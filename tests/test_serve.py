@@ -40,8 +40,16 @@ from medsam3.inference import inference_config
 from medsam3.model import build_model
 from medsam3.transforms import display_slice
 from pipelines.predict import run_predict
-from tests.builders import SAMMED2D, SERVE_LIMITS, load_recist, uint8_to_hu, write_ct_series
-from tests.test_serve_limits import big_png, nifti_claiming, zip_bomb
+from tests.builders import (
+    SAMMED2D,
+    SERVE_LIMITS,
+    big_png,
+    load_recist,
+    nifti_claiming,
+    uint8_to_hu,
+    write_ct_series,
+    zip_bomb,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 

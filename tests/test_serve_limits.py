@@ -4,17 +4,12 @@ read from headers only, zip extraction limits, and API keys. (test_serve drives 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import io
 import json
-import struct
 import time
 import zipfile
-import zlib
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -23,41 +18,9 @@ from medsam3.io.scan import declared_shape
 from serve.guard import ApiKeys, AuthError, IngressGuard
 from serve.limits import BodyLimit, Budget
 from serve.uploads import UploadError, ZipLimits, store_upload
-from tests.builders import SAMMED2D, load_recist, uint8_to_hu, write_ct_series
+from tests.builders import SAMMED2D, big_png, load_recist, nifti_claiming, uint8_to_hu, write_ct_series, zip_bomb
 
 MB = 2**20
-
-
-def big_png(path: Path, width: int, height: int) -> Path:
-    """A valid grayscale PNG of any size, written row by row (never held in memory)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    compressor, row = zlib.compressobj(9), b"\0" * (width + 1)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
-
-
-def nifti_claiming(path: Path, shape: tuple[int, ...]) -> Path:
-    """A gzipped NIfTI whose header declares ``shape`` (int16) followed by a few bytes of data."""
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.int16)
-    header.set_data_shape(shape)
-    buffer = io.BytesIO()
-    header.write_to(buffer)
-    path.write_bytes(gzip.compress(buffer.getvalue() + b"\0" * 4 + b"\1" * 1024))
-    return path
-
-
-def zip_bomb(path: Path, gib: float = 1.0) -> Path:
-    """A small zip whose one member expands to ``gib`` GiB of zeros (written in chunks)."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("slice.dcm", "w",
-                                                                                   force_zip64=True) as member:
-        for _ in range(int(gib * 1024)):
-            member.write(b"\0" * MB)
-    return path
 
 
 # --- declared shapes -------------------------------------------------------------------------
