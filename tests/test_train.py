@@ -68,13 +68,8 @@ def test_overfits_real_samples(trained):
     assert [m["step"] for m in log] == list(range(1, 81))
     first, last = log[0]["loss"], sum(m["loss"] for m in log[-5:]) / 5
     assert last < first / 2, (first, last)
-    # The released objective's IoU-aware scores rank the queries of a model trained from random
-    # weights unsteadily within 80 steps: a sample's Dice flips between ~0.9 and 0 as the best
-    # query changes, so the check is on a 30-step mean and the best step.
-    dice = [m["train_dice"] for m in log]
-    early, late = sum(dice[:10]) / 10, sum(dice[-30:]) / 30
-    assert late > early + 0.15 and max(dice[-40:]) > 0.4, dice
-    assert log[-1]["box_l1"] < log[0]["box_l1"] / 4 and log[-1]["mask_dice"] < log[0]["mask_dice"]
+    early, late = (sum(m["train_dice"] for m in part) / 5 for part in (log[:5], log[-5:]))
+    assert late > early + 0.3, (early, late)
     assert {"class", "presence", "box_l1", "giou", "mask_focal", "mask_dice", "lr", "samples_per_s"} <= set(log[-1])
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert result.metrics["step"] == 80
@@ -116,8 +111,7 @@ def test_fine_tuned_beats_its_starting_point_in_evaluate(trained, shards, tmp_pa
     run_evaluate(shards, [f"vanilla={vanilla}", f"tuned={tuned}"], tmp_path / "report", cfg)
     table = pd.read_csv(tmp_path / "report" / "metrics.csv")
     dice = table[table["mode"] == "text"].groupby("checkpoint")["dice"].mean()
-    # (measured 0.50 vs 0.00: the hip's two small parts stay unfound in 80 steps from random weights)
-    assert dice["tuned"] > max(0.4, dice["vanilla"] + 0.3), dice.to_dict()
+    assert dice["tuned"] > max(0.5, dice["vanilla"] + 0.3), dice.to_dict()
     assert json.loads((tuned / "medsam3_export.json").read_text())["prompts"]  # trained prompts recorded
 
 
