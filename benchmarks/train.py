@@ -55,7 +55,8 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         numpy_batch = {k: np.array([r[k] for r in picked], dtype=object) if k == "prompt" else
                        np.stack([r[k] for r in picked]) for k in ("pixel_values", "mask", "prompt")}
         started = time.perf_counter()
-        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob), loss=weights)
+        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
+                                  max_instances=int(cfg.loss.max_instances) or None)
         loss = set_loss(model(**inputs), targets, weights)["loss"]
         optimizer.zero_grad()
         loss.backward()

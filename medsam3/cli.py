@@ -160,14 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(storage.read_text(report).split("\n## ", 2)[1].split("\n", 1)[1])
             print(f"report: {report}")
         elif args.command == "serve":
+            from serve.guard import ApiKeys
             from serve.run import parse_checkpoints, serve_config, start
 
             checkpoints = parse_checkpoints(args.checkpoint)
             url = start(checkpoints, args.port, args.host, args.address, args.config)
             first = next(iter(checkpoints))
             print(f"serving {', '.join(checkpoints)} at {url}  (web page: {url}/, API docs: {url}/docs)")
-            auth = serve_config(args.config)["applications"][0]["args"]["settings"].get("auth") or {}
-            if any(auth.values()):
+            auth = serve_config(args.config)["applications"][0]["args"]["settings"].get("auth")
+            if ApiKeys.configured(auth):
                 print("authentication: on (send Authorization: Bearer KEY to /v1/*)")
                 print(f"example: curl -H 'Authorization: Bearer KEY' -F file=@scan.nii.gz -F prompt=liver "
                       f"-F model={first} {url}/v1/segment")

@@ -142,7 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             started = time.perf_counter()
             data_wait = started - waited_from
             inputs, targets = collate(batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
-                                      float(cfg.train.box_noise), float(cfg.train.box_noise_max_px), weights)
+                                      float(cfg.train.box_noise), float(cfg.train.box_noise_max_px),
+                                      int(cfg.loss.max_instances) or None)
             outputs = engine(**to_engine(inputs))
             # non-finite outputs would already break the matching, so check them before the loss
             finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))

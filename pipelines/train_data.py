@@ -75,8 +75,8 @@ def _model_row(row, image, mask, prompt) -> dict[str, Any]:
 
 def collate(batch: Mapping[str, np.ndarray], tokenizer, rng: np.random.Generator,
             box_prob: float = 0.0, box_noise: float = 0.1, box_noise_max_px: float = 20.0,
-            loss: Mapping[str, Any] | None = None):
-    """A numpy batch → model inputs and loss targets (instances: at most ``loss.max_instances``).
+            max_instances: int | None = None):
+    """A numpy batch → model inputs and loss targets (at most ``max_instances`` per sample, the largest).
 
     With probability ``box_prob`` a sample also gets a box prompt: one of its instances' boxes,
     jittered by N(0, box_noise × size) capped at ``box_noise_max_px`` pixels, as cxcywh in [0, 1].
@@ -84,8 +84,7 @@ def collate(batch: Mapping[str, np.ndarray], tokenizer, rng: np.random.Generator
     pixels = torch.from_numpy(np.stack(batch["pixel_values"]))
     size = pixels.shape[-1]
     tokens = tokenize(tokenizer, [str(p) for p in batch["prompt"]])
-    cap = int((loss or {}).get("max_instances", 0)) or None
-    targets: list[Target] = [instances_from_mask(m, max_instances=cap) for m in batch["mask"]]
+    targets: list[Target] = [instances_from_mask(m, max_instances=max_instances) for m in batch["mask"]]
     inputs = {"pixel_values": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     if box_prob > 0:
         boxes = torch.zeros(len(targets), 1, 4)

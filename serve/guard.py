@@ -37,13 +37,17 @@ class ApiKeys:
             raise AuthError("authentication is on but no API key was found")
         self.digests = digests
 
+    @staticmethod
+    def configured(auth: dict[str, Any] | None) -> bool:
+        """Whether ``settings.auth`` names a key file or variable (otherwise the endpoint is open)."""
+        return bool((auth or {}).get("api_keys_file") or (auth or {}).get("api_keys_env"))
+
     @classmethod
     def from_settings(cls, auth: dict[str, Any] | None) -> ApiKeys | None:
         """None when neither ``api_keys_file`` nor ``api_keys_env`` is set (the endpoint is open)."""
-        auth = auth or {}
-        file, env = auth.get("api_keys_file"), auth.get("api_keys_env")
-        if not file and not env:
+        if not cls.configured(auth):
             return None
+        file, env = auth.get("api_keys_file"), auth.get("api_keys_env")
         digests: list[bytes] = []
         if file:
             path = Path(os.path.expanduser(str(file)))

@@ -73,7 +73,7 @@ def extract_series(archive: Path, target: Path, limits: ZipLimits) -> Path:
             if len(members) > limits.max_files:
                 raise UploadError(413, f"the zip holds {len(members)} files; at most {limits.max_files} are accepted")
             written = 0
-            compressed = sum(m.compress_size for m in members)
+            compressed = archive.stat().st_size  # what arrived, not what the headers claim
             for member in members:
                 name = PurePosixPath(member.filename.replace("\\", "/"))
                 if name.is_absolute() or member.filename.startswith(("/", "\\")) or ":" in name.parts[0]:
