@@ -70,18 +70,17 @@ def model_items_per_s(checkpoint: Path, batch: int, rounds: int = 6) -> float:
     """The replica's own work: Segmenter.run_items on (slice, prompt) items of different requests."""
     from medsam3.inference import Preprocessor, Segmenter, checkpoint_image_size, inference_config
     from medsam3.io.scan import read_scan
-    from medsam3.samples import Intensity
 
     cfg = inference_config()
     segmenter = Segmenter(checkpoint, cfg)
-    prep = Preprocessor(cfg, checkpoint_image_size(checkpoint))
+    prep = Preprocessor(segmenter.plans, checkpoint_image_size(checkpoint))
     case = read_scan(PNG).case
     items = []
     for i in range(batch):  # distinct requests: each image differs from the others in one pixel
         image = case.image.copy()
         image[i, 0] = 255 - image[i, 0]
         distinct = type(case)(**{**case.__dict__, "image": image})
-        items += prep.items(distinct, ["liver"], [None], [0], Intensity(distinct, cfg.prepare))
+        items += prep.items(distinct, ["liver"], [None], [0], prep.intensity(distinct))
     segmenter.run_items(items)
     started = time.perf_counter()
     for _ in range(rounds):

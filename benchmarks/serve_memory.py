@@ -27,15 +27,16 @@ def one_request(path: Path, prompts: int, queue) -> None:
     from medsam3.inference import Preprocessor, SliceAnswer, inference_config
     from medsam3.io.scan import read_scan
     from medsam3.io.write import write_nifti_labels
-    from medsam3.samples import Intensity
+    from medsam3.plans import Plans
 
     cfg = inference_config()
     names = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta"][:prompts]
-    prep = Preprocessor(cfg, 1008)  # items at the sam3 preset's input size, as serve ships them
+    # items at the sam3 preset's input size, as serve ships them
+    prep = Preprocessor(Plans.from_prepare_config(cfg.prepare), 1008)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     scan = read_scan(path)
     case = scan.case
-    intensity = Intensity(case, cfg.prepare)
+    intensity = prep.intensity(case)
     results = prep.results(case, names, [None] * prompts, None)
     count, chunk = prep.num_slices(case), int(cfg.batch_size)
     for start in range(0, count, chunk):

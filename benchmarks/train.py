@@ -35,7 +35,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from medsam3.schema import shard_files
-    from pipelines.train_data import collate, train_transform
+    from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, train_transform
 
     enable_box_prompts()
     torch.manual_seed(0)
@@ -49,13 +49,15 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
     rng = np.random.default_rng(0)
     size, batch = 224, int(cfg.train.batch_size)
+    augment = Augmentation.from_config(cfg.train)
     times = []
     for step in range(steps):
-        picked = [train_transform(rows[i], size, dict(cfg.train)) for i in rng.integers(len(rows), size=batch)]
-        numpy_batch = {k: np.array([r[k] for r in picked], dtype=object) if k == "prompt" else
-                       np.stack([r[k] for r in picked]) for k in ("pixel_values", "mask", "prompt")}
+        chosen = [rows[i] for i in rng.integers(len(rows), size=batch)]
+        rngs = [sample_rng(0, step, row) for row in chosen]
+        picked = [train_transform(row, size, augment, r) for row, r in zip(chosen, rngs, strict=True)]
+        numpy_batch = stack_rows(picked)
         started = time.perf_counter()
-        inputs, targets = collate(numpy_batch, tokenizer, rng, float(cfg.train.box_prompt_prob),
+        inputs, targets = collate(numpy_batch, tokenizer, rngs, float(cfg.train.box_prompt_prob),
                                   max_instances=int(cfg.loss.max_instances) or None)
         loss = set_loss(model(**inputs), targets, weights)["loss"]
         optimizer.zero_grad()

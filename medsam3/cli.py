@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("shards", metavar="SHARDS")
     evaluate.add_argument("--checkpoint", action="append", required=True, help="DIR or NAME=DIR (repeat for two)")
     evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--split", choices=["auto", "val", "train", "all"],
+                          help="cases to score (default auto: the ones the checkpoint's run never trained on)")
+    evaluate.add_argument("--scans", help="the folder prepare read: score 3D cases as whole volumes")
     _add_common(evaluate)
 
     serve_cmd = sub.add_parser(
@@ -133,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_train(args.shards, args.run_dir, cfg, address=args.address)
             print(f"trained to step {result.metrics.get('step')}; checkpoint {result.checkpoint.path}")
         elif args.command == "export":
-            from pipelines.train import export_run
+            from pipelines.export import export_run
 
             load_config("export", args.overrides)
             print(f"exported to {export_run(args.run_dir, args.out_dir)}")
@@ -153,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipelines.evaluate import run_evaluate
 
             cfg = inference_config(args.overrides, args.config, args.params, stage="evaluate")
+            if args.split:
+                cfg.split = args.split
+            if args.scans:
+                cfg.scans = args.scans
             run_evaluate(args.shards, args.checkpoint, args.out, cfg, address=args.address)
             from medsam3.io import storage
 

@@ -28,17 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 from medsam3.config import load_config
 from medsam3.io import storage
 from medsam3.io.case import Case
-from medsam3.model import check_checkpoint, model_image_size, tokenize
+from medsam3.model import box_prompts, check_checkpoint, model_image_size, tokenize
+from medsam3.plans import Plans, checkpoint_plans
 from medsam3.samples import Intensity
 from medsam3.transforms import (
     display_slice,
     model_pixels,
-    resize_pad,
     resize_square,
     resized_shape,
     undisplay_slice,
 )
-from medsam3.vocab import Vocabulary
 
 
 def inference_config(overrides: Sequence[str] = (), config_file: str | os.PathLike | None = None,
@@ -68,6 +67,25 @@ def box_from_text(text: str) -> list[float]:
     if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
     return box
+
+
+def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float] | None] = (),
+                   max_prompts: int | None = None) -> tuple[list[str], list[list[float] | None]]:
+    """The one check of a request's prompts and boxes (predict, serve, ``Segmenter.segment``):
+    non-empty prompts, at most ``max_prompts``, at most one box per prompt and in its order
+    (``"x0,y0,x1,y1"`` text or four numbers); prompts without a box get None. ValueError names
+    the problem."""
+    prompts = [str(p).strip() for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt must be non-empty text, and at least one is needed")
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise ValueError(f"{len(prompts)} prompts: at most {max_prompts} per request")
+    boxes = list(boxes or [])
+    if len(boxes) > len(prompts):
+        raise ValueError(f"{len(boxes)} boxes for {len(prompts)} prompts: boxes go with prompts, in order")
+    parsed = [None if b is None else box_from_text(b if isinstance(b, str) else ",".join(map(str, b)))
+              for b in boxes]
+    return prompts, parsed + [None] * (len(prompts) - len(parsed))
 
 
 def select_queries(pred_logits: torch.Tensor, presence_logits: torch.Tensor, threshold: float):
@@ -146,44 +164,36 @@ def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
 class Preprocessor:
     """Scans → :class:`SliceItem` with ``prepare``'s pixels (needs no model: serve's ingress uses it)."""
 
-    def __init__(self, cfg: DictConfig, model_size: int | None = None):
-        self.cfg = cfg
-        self.square = int(cfg.prepare.image_size)
+    def __init__(self, plans: Plans, model_size: int | None = None):
+        self.plans = plans
+        self.square = plans.image_size
         # With the model's input size known, items carry the square already resized to it (the
         # first step of model_pixels): serve ships these smaller arrays to the model replicas.
         self.model_size = model_size
-        self.axis = int(cfg.prepare.slice_axis)
-        self.vocab = Vocabulary.from_file(cfg.prepare.vocabulary, cfg.prepare.extra_labels)
+        self.axis = plans.slice_axis
 
     def window(self, prompt: str, modality: str | None) -> str:
-        entry = self.vocab.lookup(prompt, modality)
-        return str(self.cfg.prepare.window or (entry.window if entry else self.vocab.default_window))
+        return self.plans.window_for(prompt, modality)
+
+    def intensity(self, case: Case) -> Intensity:
+        return Intensity(case, self.plans)
 
     def in_vocabulary(self, prompt: str, modality: str | None, trained: set[str] | None) -> bool:
         """Was the model trained on this prompt (or, for released weights, does the vocabulary know it)?"""
-        return prompt in trained if trained is not None else self.vocab.lookup(prompt, modality) is not None
+        return prompt in trained if trained is not None else self.plans.vocab.lookup(prompt, modality) is not None
 
     def plane_squares(self, planes: Sequence[np.ndarray], intensity: Intensity, window: str,
                       channels: int | None = 3) -> np.ndarray:
         """Display-ordered planes → the stored squares ``prepare`` writes for them (B, S, S, 3) uint8.
         ``channels=None`` keeps grayscale planes as one band (B, S, S): the model sees the same
         pixels (see ``model_pixels``) for a third of the copying."""
-        return np.stack([resize_pad(intensity(p, window), self.square, channels=channels) for p in planes])
+        return np.stack([self.plans.square(p, intensity, window, channels) for p in planes])
 
     def num_slices(self, case: Case) -> int:
         return case.image.shape[self.axis] if case.is_3d else 1
 
     def plane(self, case: Case, index: int) -> np.ndarray:
         return display_slice(case.image, self.axis, index) if case.is_3d else case.image
-
-    def check(self, prompts: Sequence[str], boxes: Sequence | None) -> tuple[list[str], list]:
-        prompts = [str(p).strip() for p in prompts]
-        if not prompts or not all(prompts):
-            raise ValueError("at least one non-empty text prompt is needed")
-        boxes = list(boxes) if boxes is not None else [None] * len(prompts)
-        if len(boxes) != len(prompts):
-            raise ValueError(f"{len(boxes)} box(es) for {len(prompts)} prompt(s): give one per prompt, in order")
-        return prompts, boxes
 
     def items(self, case: Case, prompts: Sequence[str], boxes: Sequence, indices: Sequence[int],
               intensity: Intensity, instances: bool = False) -> list[SliceItem]:
@@ -250,7 +260,8 @@ class Segmenter:
         self.tokenizer = AutoTokenizer.from_pretrained(os.fspath(checkpoint), local_files_only=True)
         self.size = model_image_size(self.model)
         self.threshold = float(self.cfg.threshold)
-        self.prep = Preprocessor(self.cfg)
+        self.plans = checkpoint_plans(checkpoint, self.cfg.prepare)
+        self.prep = Preprocessor(self.plans)
         self.trained_prompts = trained_prompts(checkpoint)
 
     def window(self, prompt: str, modality: str | None) -> str:
@@ -300,15 +311,7 @@ class Segmenter:
     def _decode(self, vision, prompts: list[str], boxes: np.ndarray | None, side: int):
         tokens = tokenize(self.tokenizer, prompts)
         count = len(prompts)
-        box_t = torch.zeros(count, 1, 4)
-        labels = torch.full((count, 1), -10, dtype=torch.long)  # -10: no box, as in training
-        if boxes is not None:
-            for i, box in enumerate(np.asarray(boxes, np.float64).reshape(count, 4)):
-                if np.all(np.isfinite(box)):
-                    x0, y0, x1, y1 = np.clip(box / side, 0, 1)
-                    box_t[i, 0] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, 1 / side),
-                                                max(y1 - y0, 1 / side)])
-                    labels[i, 0] = 1
+        box_t, labels = box_prompts(np.full((count, 4), np.nan) if boxes is None else boxes, side)
         return self.model(vision_embeds=vision, input_ids=tokens["input_ids"].to(self.device),
                           attention_mask=tokens["attention_mask"].to(self.device),
                           input_boxes=box_t.to(self.device, self.model.dtype),
@@ -343,8 +346,8 @@ class Segmenter:
         ``boxes[i]`` goes with ``prompts[i]``: ``(x0, y0, x1, y1)`` in the plane's pixels (a 3D box
         applies to every slice), or None.
         """
-        prompts, boxes = self.prep.check(prompts, boxes)
-        intensity = Intensity(case, self.cfg.prepare)
+        prompts, boxes = prompt_request(prompts, boxes or ())
+        intensity = self.prep.intensity(case)
         results = self.prep.results(case, prompts, boxes, self.trained_prompts)
         count, batch = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
         starts = range(0, count, batch)

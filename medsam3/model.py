@@ -71,6 +71,23 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return folder
 
 
+def parse_checkpoints(specs: list[str] | tuple[str, ...], first_name: str | None = None) -> dict[str, str]:
+    """``DIR`` or ``NAME=DIR`` → {name: absolute folder or s3:// URI}, in the given order. A name
+    defaults to the folder's name (the first one's to ``first_name`` when given); ValueError for
+    no checkpoint or two with one name."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        name, folder = storage.split_name(spec)
+        path = folder if storage.is_remote(folder) else str(Path(folder).absolute())
+        name = name or (first_name if first_name and not found else storage.name(path))
+        if name in found:
+            raise ValueError(f"two checkpoints named {name!r}: use NAME=DIR to tell them apart")
+        found[name] = path
+    if not found:
+        raise ValueError("give at least one --checkpoint")
+    return found
+
+
 def write_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Derive CLIP's ``vocab.json`` and ``merges.txt`` from the original BPE merges file
     (``bpe_simple_vocab_16e6.txt.gz``), the way CLIP builds its vocabulary."""
@@ -149,3 +166,27 @@ def enable_activation_checkpointing(model: Sam3Model) -> None:
             return _forward(*args, **kwargs)
 
         layer.forward = recomputed
+
+
+NO_BOX = -10  # SAM3's label for a padded (absent) box prompt
+
+
+def box_prompts(boxes, side: int):
+    """SAM3's geometric prompt tensors for one box (or none) per sample, shared by training and
+    inference so both encode a box identically.
+
+    ``boxes``: (N, 4) xyxy in pixels of a ``side``² square, a row of NaN meaning no box. Returns
+    ``input_boxes`` (N, 1, 4) as cxcywh in [0, 1] (clipped to the image, at least one pixel wide)
+    and ``input_boxes_labels`` (N, 1): 1 for a box, ``NO_BOX`` for padding.
+    """
+    import numpy as np
+    import torch
+
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    given = np.isfinite(boxes).all(axis=1)
+    x0, y0, x1, y1 = np.clip(np.nan_to_num(boxes) / side, 0, 1).T
+    cxcywh = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, np.maximum(x1 - x0, 1 / side),
+                       np.maximum(y1 - y0, 1 / side)], axis=1)
+    cxcywh[~given] = 0
+    labels = np.where(given, 1, NO_BOX)
+    return torch.from_numpy(cxcywh).float()[:, None], torch.from_numpy(labels).long()[:, None]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from medsam3.io.case import Case
+from medsam3.plans import Plans
 from medsam3.transforms import (
     display_slice,
     display_spacing,
@@ -23,7 +24,6 @@ from medsam3.transforms import (
     robust_range,
     window_to_uint8,
 )
-from medsam3.vocab import Vocabulary
 
 
 def keep_empty_pair(seed: int, dataset: str, case_id: str, label: str, index: int, fraction: float) -> bool:
@@ -41,16 +41,17 @@ def keep_empty_pair(seed: int, dataset: str, case_id: str, label: str, index: in
 
 
 class Intensity:
-    """Maps one plane of a case to uint8 the way its modality asks (per CT window for CT)."""
+    """Maps one plane of a case to uint8 the way its modality asks (per CT window for CT), with the
+    windows and percentiles of ``plans``."""
 
-    def __init__(self, case: Case, cfg: Any):
+    def __init__(self, case: Case, plans: Plans):
         self.slope, self.intercept = case.intensity_scale
         self.keep = case.image.dtype == np.uint8 and (self.slope, self.intercept) == (1.0, 0.0)
         self.ct = case.modality == "CT"
-        self.windows = {str(k): tuple(float(x) for x in v) for k, v in cfg.windows.items()}
+        self.windows = plans.windows
         self.range = (0.0, 0.0)
         if not self.keep and not self.ct:
-            low, high = robust_range(case.image, tuple(cfg.percentiles))
+            low, high = robust_range(case.image, plans.percentiles)
             low, high = sorted((low * self.slope + self.intercept, high * self.slope + self.intercept))
             self.range = (low, high)
 
@@ -68,9 +69,9 @@ class Intensity:
         return range_to_uint8(values, *self.range)
 
 
-def label_prompts(case: Case, cfg: Any, vocab: Vocabulary) -> dict[int, tuple[str, str, str]]:
+def label_prompts(case: Case, plans: Plans) -> dict[int, tuple[str, str, str]]:
     """label value → (label name, prompt, CT window name) for every label of the case."""
-    overrides = dict(cfg.window_overrides or {})
+    vocab = plans.vocab
     out = {}
     for value, name in sorted(case.label_names.items()):
         if value in case.prompts:  # Medical SAM3 NPZ: the file names its prompt
@@ -79,17 +80,18 @@ def label_prompts(case: Case, cfg: Any, vocab: Vocabulary) -> dict[int, tuple[st
         else:
             entry = vocab.resolve(name, case.modality)
             prompt, window = entry.prompt, entry.window
-        out[value] = (name, prompt, str(cfg.window or overrides.get(name) or window))
+        out[value] = (name, prompt, plans.window_for(name, case.modality, default=window))
     return out
 
 
-def case_rows(case: Case, cfg: Any, vocab: Vocabulary) -> Iterator[dict[str, Any]]:
-    """Yield the shard rows of a case, slice by slice (a volume is never copied whole)."""
-    size = int(cfg.image_size)
-    labels = label_prompts(case, cfg, vocab)
-    intensity = Intensity(case, cfg)
+def case_rows(case: Case, cfg: Any, plans: Plans) -> Iterator[dict[str, Any]]:
+    """Yield the shard rows of a case, slice by slice (a volume is never copied whole). ``plans``
+    make the pixels; ``cfg`` (prepare's config) says which (slice, label) pairs become rows."""
+    size = plans.image_size
+    labels = label_prompts(case, plans)
+    intensity = Intensity(case, plans)
     if case.is_3d:
-        axis = int(cfg.slice_axis)
+        axis = plans.slice_axis
         count = case.image.shape[axis]
         spacing = display_spacing(case.spacing, axis)
         planes = (
@@ -118,7 +120,7 @@ def case_rows(case: Case, cfg: Any, vocab: Vocabulary) -> Iterator[dict[str, Any
             if present and area < int(cfg.min_mask_pixels):
                 continue  # too small to survive resizing: neither a target nor a true absence
             if window not in images:
-                images[window] = resize_pad(intensity(plane, window), size, channels=3)
+                images[window] = plans.square(plane, intensity, window)
             yield {
                 "image": images[window],
                 "mask": stored_mask,

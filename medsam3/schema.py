@@ -58,6 +58,19 @@ SHARD_SCHEMA = pa.schema([
 _VECTORS = {"box": np.float32, "spacing": np.float32, "orig_size": np.int32}
 
 
+def row_tables(rows, rows_per_table: int):
+    """Rows → Arrow tables of at most ``rows_per_table`` rows each, as the rows come (a volume's
+    rows are never all held at once)."""
+    block = []
+    for row in rows:
+        block.append(row)
+        if len(block) == rows_per_table:
+            yield rows_to_table(block)
+            block = []
+    if block:
+        yield rows_to_table(block)
+
+
 def rows_to_table(rows: list[dict]) -> pa.Table:
     """Rows from :func:`medsam3.samples.case_rows` → an Arrow table in :data:`SHARD_SCHEMA`.
 

@@ -9,9 +9,17 @@
    ``report.md`` (per-dataset tables of mean ± std and n; a side-by-side table for two
    checkpoints), ``summary.json`` and a gallery of each dataset's best and worst cases.
 
-Metrics are computed on the stored squares' content (padding cropped) with the stored pixel
-spacing. A 3D case is evaluated on the slices its shards hold (all slices with the label, plus
-the sampled empty ones); slices missing from the shards count as empty in both masks.
+Which cases: a checkpoint exported from a run records the cases that run trained on, and by
+default (``split=auto``) only the other cases are scored (``val``); ``train`` and ``all`` ask
+for the rest. Metrics are computed on the stored squares' content (padding cropped) with the
+stored pixel spacing.
+
+Whole volumes: ``prepare`` keeps only a sample of the slices where a label is absent, so a 3D
+case's shards are not its volume. Given ``scans`` (the folder prepare read), every 3D case is
+read again from its scan (checked against the manifest's SHA-256) and cut into every slice with
+the shards' own plans, so a false positive on any slice counts. Without ``scans`` a 3D case is
+scored on the slices its shards hold (slices missing from them count as empty in both masks),
+and the report says so.
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ from medsam3.io import storage
 from medsam3.io.storage import staged_output
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
+from medsam3.model import parse_checkpoints as parse
+from medsam3.plans import Plans, PlansMismatch
 from medsam3.ray_local import init_ray
-from medsam3.schema import arrow_source, decode_batch, shard_dataset, shard_files, validate_shards
+from medsam3.schema import arrow_source, decode_batch, row_tables, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
 
 KEYS = ["checkpoint", "mode", "dataset", "modality", "label", "prompt", "case_id"]
 METRICS = ["dice", "iou", "nsd", "hd95"]
+SPLITS = ("auto", "val", "train", "all")
 
 
 class EvaluateError(StageError):
@@ -46,21 +57,104 @@ class EvaluateError(StageError):
 def parse_checkpoints(specs: Sequence[str]) -> dict[str, str]:
     """``DIR`` or ``NAME=DIR`` → {name: dir or s3:// URI}; names default to the folder names and
     must differ."""
-    found: dict[str, str] = {}
-    for spec in specs:
-        name, folder = storage.split_name(spec)
-        path = folder if storage.is_remote(folder) else str(Path(folder).absolute())
-        name = name or storage.name(path)
+    try:
+        found = parse(list(specs))
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from exc
+    for path in found.values():
         try:
             check_checkpoint(path)
         except CheckpointError as exc:
             raise EvaluateError(f"checkpoint: {exc}") from exc
-        if name in found:
-            raise EvaluateError(f"two checkpoints named {name!r}: use NAME=DIR to tell them apart")
-        found[name] = path
-    if not found:
-        raise EvaluateError("give at least one --checkpoint")
     return found
+
+
+def trained_cases(checkpoint: str) -> set[str] | None:
+    """``dataset/case_id`` of every case the checkpoint's run trained on, when it records them."""
+    export = storage.local_copy(checkpoint) / "medsam3_export.json"
+    split = json.loads(export.read_text()).get("split") if export.is_file() else None
+    return set(split["train"]) if split else None
+
+
+def select_cases(cases: Sequence[tuple[str, str]], found: dict[str, str], split: str) -> tuple[str, list]:
+    """The (dataset, case_id) pairs to score: ``val`` = no checkpoint's run trained on them,
+    ``train`` = some run did, ``all``; ``auto`` = ``val`` when a checkpoint records its run's
+    training cases, else ``all``. Returns (the split resolved, the cases)."""
+    if split not in SPLITS:
+        raise EvaluateError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    known = [t for t in (trained_cases(path) for path in found.values()) if t is not None]
+    if split == "auto":
+        split = "val" if known else "all"
+    if split == "all":
+        return split, list(cases)
+    if not known:
+        raise EvaluateError(f"split={split}: no checkpoint records the cases it was trained on (exports of "
+                            "`medsam3 train` runs do); use split=all")
+    trained = set().union(*known)
+    chosen = [c for c in cases if (f"{c[0]}/{c[1]}" in trained) == (split == "train")]
+    if not chosen:
+        raise EvaluateError(f"split={split}: none of the {len(cases)} case(s) in the shards "
+                            f"{'was' if split == 'train' else 'was not'} trained on")
+    return split, chosen
+
+
+def _check_plans(manifest: dict, found: dict[str, str], shards) -> Plans | None:
+    """The shards' plans; a checkpoint that saved other ones would be scored on foreign pixels."""
+    if "plans" not in manifest:
+        return None
+    plans = Plans.from_dict(manifest["plans"])
+    for name, path in found.items():
+        saved = Plans.load(storage.local_copy(path))
+        if saved is not None:
+            try:
+                saved.require_same(plans, f"checkpoint {name}", f"shards {storage.name(shards)}")
+            except PlansMismatch as exc:
+                raise EvaluateError(str(exc)) from exc
+    return plans
+
+
+def _volume_tables(batch: dict[str, Any], cfg: dict, plans: dict, rows_per_block: int = 32):
+    """Ray Data UDF: one 3D case read again from its scan → every (slice, label) row of it, with
+    the shards' plans, as Arrow tables in the shard schema."""
+    from medsam3.io import CaseRef, read_case
+    from medsam3.samples import case_rows
+
+    ref, want = CaseRef.from_dict(json.loads(batch["ref"][0])), set(json.loads(batch["sha256"][0]))
+    config = OmegaConf.create(cfg)
+    storage.configure(config.get("storage"))
+    case = read_case(ref, config)
+    if {s["sha256"] for s in case.sources} != want:
+        raise EvaluateError(f"{ref.describe()}: this scan is not the one the shards were made from "
+                            "(its SHA-256 differs from the manifest's)")
+    yield from row_tables(case_rows(case, config, Plans.from_dict(plans)), rows_per_block)
+
+
+def volume_source(scans: str, manifest: dict, volumes: set[tuple[str, str]], prepare: DictConfig):
+    """A Ray Data dataset of every slice of the given 3D cases, read from ``scans`` (prepare's
+    input) with the shards' settings: their manifest's config, every empty slice kept."""
+    import ray
+
+    from medsam3.config import load_config
+    from medsam3.io import discover
+
+    # the vocabulary travels in the plans (the manifest names only its file)
+    public = {k: v for k, v in manifest["config"].items() if k not in ("vocabulary", "extra_labels")}
+    cfg = OmegaConf.merge(load_config("prepare"), public, {"salt": prepare.salt, "empty_fraction": 1.0})
+    plans = Plans.from_dict(manifest["plans"])
+    refs, _ = discover(storage.local_copy(scans), cfg, plans.vocab)
+    refs = [r for r in refs if (r.dataset, r.case_id) in volumes]
+    missing = volumes - {(r.dataset, r.case_id) for r in refs}
+    if missing:
+        raise EvaluateError(f"scans={scans}: {len(missing)} case(s) of the shards are not there, e.g. "
+                            f"{'/'.join(sorted(missing)[0])}; give the folder `prepare` read")
+    digests: dict[tuple[str, str], list[str]] = {}
+    for entry in manifest["inputs"]:
+        digests.setdefault((entry["dataset"], entry["case_id"]), []).append(entry["sha256"])
+    cfg.storage = storage.settings()
+    items = [{"ref": json.dumps(r.to_dict()), "sha256": json.dumps(digests[(r.dataset, r.case_id)])} for r in refs]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        _volume_tables, batch_size=1, batch_format="numpy",
+        fn_kwargs={"cfg": OmegaConf.to_container(cfg, resolve=True), "plans": plans.to_dict()})
 
 
 # --- actors ----------------------------------------------------------------------------------
@@ -148,12 +242,23 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     if unknown or not cfg.modes:
         raise EvaluateError(f"modes must be a non-empty subset of [text, text+box], got {list(cfg.modes)}")
     try:
-        validate_shards(shards)
+        manifest = validate_shards(shards)
     except ValueError as exc:
         raise EvaluateError(str(exc)) from exc
+    _check_plans(manifest, found, shards)
     files = shard_files(shards)
     paths, filesystem = arrow_source(files)
     side = _stored_side(paths[0], filesystem)
+    index = shard_dataset(files).to_table(columns=["dataset", "case_id", "slice_index"])
+    volumes_all = {(d, c) for d, c, k in zip(*(index.column(i).to_pylist() for i in range(3)), strict=True) if k >= 0}
+    cases = sorted(set(zip(index.column(0).to_pylist(), index.column(1).to_pylist(), strict=True)))
+    split, chosen = select_cases(cases, found, str(cfg.split))
+    chosen_set = set(chosen)
+    scans = cfg.get("scans")
+    volumes = volumes_all & chosen_set if scans else set()
+    if volumes and "plans" not in manifest:
+        raise EvaluateError(f"{shards}: the manifest has no preprocessing plans (shards from an older "
+                            "medsam3 prepare); prepare them again to score whole volumes")
     if not ray.is_initialized():
         needed = int(cfg.num_actors) * float(cfg.cpus_per_actor) + 1
         init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(needed)),
@@ -162,7 +267,12 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     plain = OmegaConf.to_container(cfg, resolve=True)
     frames = []
     for name, folder in found.items():
-        rows = ray.data.read_parquet(paths, filesystem=filesystem).map_batches(
+        # the chosen cases' rows; a 3D case read again from its scan when given (whole volumes)
+        rows = ray.data.read_parquet(paths, filesystem=filesystem).filter(
+            lambda r: (r["dataset"], r["case_id"]) in chosen_set and (r["dataset"], r["case_id"]) not in volumes)
+        if volumes:
+            rows = rows.union(volume_source(scans, manifest, volumes, cfg.prepare))
+        rows = rows.map_batches(
             Predictor, fn_constructor_kwargs={"checkpoint": folder, "cfg": plain,
                                               "threads": int(cfg.cpus_per_actor)},
             batch_size=int(cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
@@ -173,7 +283,9 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
         frame.insert(0, "checkpoint", name)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True).sort_values(KEYS).reset_index(drop=True)
-    return write_reports(table, list(found), found, shards, out_dir, cfg, side)
+    scope = {"split": split, "cases": len(chosen), "of_cases": len(cases),
+             "volumes": "whole (read from the scans)" if scans else "the slices the shards hold"}
+    return write_reports(table, list(found), found, shards, out_dir, cfg, side, scope)
 
 
 def _stored_side(file: str, filesystem) -> int:
@@ -215,7 +327,7 @@ def _markdown(frame, by: Sequence[str]) -> str:
 
 
 def write_reports(table, names: list[str], found: dict[str, str], shards, out_dir, cfg: DictConfig,
-                  side: int) -> dict[str, Any]:
+                  side: int, scope: dict[str, Any]) -> dict[str, Any]:
     with staged_output(out_dir) as staging:
         table.to_csv(staging / "metrics.csv", index=False)
         by = ["checkpoint", "mode", "dataset", "label", "modality"]
@@ -224,6 +336,9 @@ def write_reports(table, names: list[str], found: dict[str, str], shards, out_di
                  f"Shards: `{storage.name(shards)}`; NSD tolerance {cfg.tolerance_mm} mm; query threshold "
                  f"{cfg.threshold}. Mean ± std over cases (3D cases are scored as volumes); HD95 over "
                  "finite values, the number of infinite ones (one mask empty) in brackets.", "",
+                 f"Cases: {scope['cases']} of {scope['of_cases']} (split `{scope['split']}`"
+                 + {"val": ": cases the checkpoints' runs never trained on", "train": ": cases a run trained on",
+                    "all": ""}[scope["split"]] + f"); 3D cases: {scope['volumes']}.", "",
                  "## Overall", "", _markdown(overall, ["checkpoint", "mode"]), ""]
         for dataset, part in table.groupby("dataset", sort=True):
             lines += [f"## {dataset}", "", _markdown(summary_table(part, by), by), ""]
@@ -235,7 +350,7 @@ def write_reports(table, names: list[str], found: dict[str, str], shards, out_di
             lines += [f"![{g}](gallery/{g})" for g in gallery] + [""]
         (staging / "report.md").write_text("\n".join(lines))
         summary = {"checkpoints": {n: storage.name(p) for n, p in found.items()},
-                   "cases": int(table["case_id"].nunique()),
+                   "cases": int(table["case_id"].nunique()), **{f"scope_{k}": v for k, v in scope.items()},
                    "overall": json.loads(overall.to_json(orient="records"))}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         # flat means per checkpoint and mode, for `dvc metrics show / diff`

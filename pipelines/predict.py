@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from medsam3.errors import StageError
-from medsam3.inference import Preprocessor, PromptResult, Segmenter, box_from_text
+from medsam3.inference import Preprocessor, PromptResult, Segmenter, prompt_request
 from medsam3.io import storage
 from medsam3.io.case import CaseError
 from medsam3.io.scan import Scan, describe, read_scan
@@ -35,20 +35,11 @@ from medsam3.io.write import (
     write_png_mask,
 )
 from medsam3.model import CheckpointError
-from medsam3.samples import Intensity
 from medsam3.transforms import display_slice, to_rgb
 
 
 class PredictError(StageError):
     """The input, the prompts or the checkpoint cannot be used."""
-
-
-def parse_box(text: str) -> list[float]:
-    """``"x0,y0,x1,y1"`` → four floats, checked."""
-    try:
-        return box_from_text(text)
-    except ValueError as exc:
-        raise PredictError(str(exc)) from exc
 
 
 def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.PathLike,
@@ -71,14 +62,15 @@ def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.
     return {"input": describe(scan), "checkpoint": storage.name(checkpoint), "threshold": threshold, "prompts": prompts}
 
 
-def overlay_figure(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, path: Path) -> Path:
+def overlay_figure(scan: Scan, results: Sequence[PromptResult], prep: Preprocessor, cfg: DictConfig,
+                   path: Path) -> Path:
     """overlay.png: the image (a volume: a few slices where the masks are) with each prompt's
     mask in its colour and a legend with the scores."""
     masks, prompts = [r.mask for r in results], [r.prompt for r in results]
-    intensity = Intensity(scan.case, cfg.prepare)
-    window = Preprocessor(cfg).window(prompts[0], scan.case.modality)
+    intensity = prep.intensity(scan.case)
+    window = prep.window(prompts[0], scan.case.modality)
     if scan.is_3d:
-        axis = int(cfg.prepare.slice_axis)
+        axis = prep.axis
         panels = volume_panels(lambda k: intensity(display_slice(scan.case.image, axis, k), window), masks, axis,
                                int(cfg.overlay_slices))
     else:
@@ -86,7 +78,8 @@ def overlay_figure(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig,
     return save_overlay_figure(panels, prompts, path, [r.score for r in results])
 
 
-def write_outputs(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, out: Path) -> list[str]:
+def write_outputs(scan: Scan, results: Sequence[PromptResult], prep: Preprocessor, cfg: DictConfig,
+                  out: Path) -> list[str]:
     """Every output file for one scan into ``out`` (an existing, empty folder); returns their names."""
     masks, prompts = [r.mask for r in results], [r.prompt for r in results]
     files = []
@@ -101,7 +94,7 @@ def write_outputs(scan: Scan, results: Sequence[PromptResult], cfg: DictConfig, 
             name = f"{value}_{re.sub(r'[^a-z0-9]+', '_', result.prompt.lower()).strip('_') or 'prompt'}.png"
             write_png_mask(result.mask, out / name)
             files.append(name)
-    overlay_figure(scan, results, cfg, out / "overlay.png")
+    overlay_figure(scan, results, prep, cfg, out / "overlay.png")
     files.append("overlay.png")
     labels = {str(v): p for v, p in enumerate(prompts, start=1)}
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
@@ -112,11 +105,10 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
                 out_dir: str | os.PathLike, cfg: DictConfig, boxes: Sequence[str] = (),
                 progress: bool = True) -> dict[str, Any]:
     """Segment one scan and write its outputs; returns the summary."""
-    if not prompts:
-        raise PredictError("give at least one --prompt")
-    parsed = [parse_box(b) for b in boxes]
-    if len(parsed) > len(prompts):
-        raise PredictError(f"{len(parsed)} --box for {len(prompts)} --prompt: boxes go with prompts, in order")
+    try:
+        prompts, parsed = prompt_request(prompts, boxes)
+    except ValueError as exc:
+        raise PredictError(f"--prompt/--box: {exc}") from exc
     try:
         segmenter = Segmenter(checkpoint, cfg)
     except CheckpointError as exc:
@@ -125,9 +117,9 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
         scan = read_scan(storage.local_copy(input_path), cfg.modality, cfg.channel, bool(cfg.allow_pickle))
     except CaseError as exc:
         raise PredictError(str(exc)) from exc
-    results = segmenter.segment(scan.case, prompts, parsed + [None] * (len(prompts) - len(parsed)), progress=progress)
+    results = segmenter.segment(scan.case, prompts, parsed, progress=progress)
     with staged_output(out_dir) as staging:
-        files = write_outputs(scan, results, cfg, staging)
+        files = write_outputs(scan, results, segmenter.prep, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

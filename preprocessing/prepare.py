@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 import medsam3
 from medsam3.errors import StageError
 from medsam3.io import CaseError, CaseRef, discover, read_case, storage
+from medsam3.plans import Plans
 from medsam3.ray_local import init_ray
 from medsam3.samples import case_rows
-from medsam3.schema import SCHEMA_VERSION, parquet_options, rows_to_table, shard_dataset, shard_files
+from medsam3.schema import SCHEMA_VERSION, parquet_options, row_tables, shard_dataset, shard_files
 from medsam3.vocab import Vocabulary
 
 MANIFEST = "manifest.json"
@@ -52,14 +53,20 @@ class PrepareResult:
 # --- per-case work (runs in Ray tasks, or in a plain process for the benchmark) ---------------
 
 @functools.lru_cache(maxsize=8)
-def _vocabulary(path: str | None, extra_json: str) -> Vocabulary:
-    return Vocabulary.from_file(path, json.loads(extra_json))
+def _plans(settings_json: str) -> Plans:
+    return Plans.from_prepare_config(OmegaConf.create(json.loads(settings_json)))
+
+
+def plans_for(cfg: DictConfig) -> Plans:
+    """The preprocessing plans a prepare config asks for (cached per process)."""
+    keys = ("image_size", "slice_axis", "windows", "window", "window_overrides", "percentiles", "vocabulary",
+            "extra_labels")
+    return _plans(json.dumps({k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}, sort_keys=True))
 
 
 def vocabulary_for(cfg: DictConfig) -> Vocabulary:
-    """The prompt vocabulary a config asks for (cached per process)."""
-    extra = OmegaConf.to_container(cfg.extra_labels, resolve=True) if cfg.extra_labels else {}
-    return _vocabulary(cfg.vocabulary, json.dumps(extra, sort_keys=True))
+    """The prompt vocabulary a config asks for."""
+    return plans_for(cfg).vocab
 
 
 def prepare_case(ref: CaseRef, cfg: DictConfig) -> tuple[list[dict[str, str]], Iterator[dict[str, Any]]]:
@@ -68,9 +75,9 @@ def prepare_case(ref: CaseRef, cfg: DictConfig) -> tuple[list[dict[str, str]], I
     Everything that can reject the case (reading, validation, vocabulary) happens before the
     first row exists, so a case is either wholly in the shards or wholly rejected.
     """
-    vocab = vocabulary_for(cfg)
+    plans = plans_for(cfg)
     case = read_case(ref, cfg)
-    rows = case_rows(case, cfg, vocab)
+    rows = case_rows(case, cfg, plans)
     first = next(rows, None)
 
     def all_rows() -> Iterator[dict[str, Any]]:
@@ -101,14 +108,7 @@ def _case_tables(batch: dict[str, Any], cfg: DictConfig, ledger: str, rows_per_b
         reason = {"dataset": ref.dataset, "case": _case_name(ref), "reason": str(exc)}
         storage.write_bytes(record, json.dumps(reason).encode())
         return
-    block: list[dict[str, Any]] = []
-    for row in rows:
-        block.append(row)
-        if len(block) == rows_per_block:
-            yield rows_to_table(block)
-            block = []
-    if block:
-        yield rows_to_table(block)
+    yield from row_tables(rows, rows_per_block)
     outcome = {"dataset": ref.dataset, "case_id": ref.case_id, "sources": sources}
     storage.write_bytes(record, json.dumps(outcome).encode())
 
@@ -214,6 +214,7 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
             "schema_version": SCHEMA_VERSION,
             "medsam3_version": medsam3.__version__,
             "config": _public_config(cfg),
+            "plans": plans_for(cfg).to_dict(),
             "num_rows": num_rows,
             "num_cases": len(accepted),
             "num_rejected": len(rejected),

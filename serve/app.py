@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from medsam3.ray_local import keep_serve_replicas_on_loopback
-from serve.encode import parse_box, planes_shape, preview_planes, rle_planes
+from serve.encode import planes_shape, preview_planes, rle_planes
 from serve.guard import IngressGuard
 from serve.limits import Budget
 from serve.uploads import UploadError, ZipLimits, store_upload
@@ -112,6 +112,7 @@ BYTES_PER_VOXEL = 8
 class SegmentAPI:
     def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any]):
         from medsam3.inference import Preprocessor, checkpoint_image_size, trained_prompts
+        from medsam3.plans import checkpoint_plans
 
         self.model = model
         self.checkpoints = checkpoints
@@ -119,8 +120,11 @@ class SegmentAPI:
         self.settings = settings
         self.cfg = _inference_cfg(settings)
         sizes = {checkpoint_image_size(path) for path in checkpoints.values()}
-        # items travel at the model's input size when every checkpoint shares it (smaller messages)
-        self.prep = Preprocessor(self.cfg, sizes.pop() if len(sizes) == 1 else None)
+        # items travel at the model's input size when every checkpoint shares it (smaller messages);
+        # each checkpoint's pixels are made with its own preprocessing plans
+        size = sizes.pop() if len(sizes) == 1 else None
+        self.preps = {name: Preprocessor(checkpoint_plans(path, self.cfg.prepare), size)
+                      for name, path in checkpoints.items()}
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
@@ -177,6 +181,7 @@ class SegmentAPI:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview) -> Response:
+        from medsam3.inference import prompt_request
         from medsam3.io.case import CaseError
         from medsam3.io.scan import declared_shape, read_scan
 
@@ -186,15 +191,10 @@ class SegmentAPI:
         fmt = fmt or ACCEPT.get(request.headers.get("accept", "").split(",")[0].strip(), "json")
         if fmt not in FORMATS:
             raise UploadError(422, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-        prompts = [p.strip() for p in prompts]
-        if not prompts or not all(prompts):
-            raise UploadError(422, "every prompt must be non-empty text")
-        if len(prompts) > self.max_prompts:
-            raise UploadError(422, f"{len(prompts)} prompts: at most {self.max_prompts} per request")
-        parsed = [parse_box(b) for b in boxes]
-        if len(parsed) > len(prompts):
-            raise UploadError(422, f"{len(parsed)} boxes for {len(prompts)} prompts")
-        parsed += [None] * (len(prompts) - len(parsed))
+        try:
+            prompts, parsed = prompt_request(prompts, boxes, self.max_prompts)
+        except ValueError as exc:
+            raise UploadError(422, str(exc)) from exc
         # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
             path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
@@ -220,17 +220,16 @@ class SegmentAPI:
         return voxels
 
     async def _run(self, case, prompts, boxes, model_id):
-        from medsam3.samples import Intensity
-
-        intensity = Intensity(case, self.cfg.prepare)
-        results = self.prep.results(case, prompts, boxes, self.trained[model_id])
+        prep = self.preps[model_id]
+        intensity = prep.intensity(case)
+        results = prep.results(case, prompts, boxes, self.trained[model_id])
         handle = self.model.options(multiplexed_model_id=model_id)
-        count, chunk = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
+        count, chunk = prep.num_slices(case), max(1, int(self.cfg.batch_size))
         for start in range(0, count, chunk):  # a volume streams through in chunks of slices
-            items = await asyncio.to_thread(self.prep.items, case, prompts, boxes,
+            items = await asyncio.to_thread(prep.items, case, prompts, boxes,
                                             range(start, min(start + chunk, count)), intensity)
             answers = await asyncio.gather(*[handle.run.remote(model_id, item) for item in items])
-            self.prep.fill(case, results, items, answers)
+            prep.fill(case, results, items, answers)
         return results
 
     def _respond(self, scan, results, fmt: str, preview: bool, folder: Path, model_id: str) -> Response:
@@ -248,15 +247,16 @@ class SegmentAPI:
             return Response(path.read_bytes(), media_type=FORMATS[fmt],
                             headers={"content-disposition": 'attachment; filename="segmentation.dcm"'})
         if fmt == "png":
-            path = overlay_figure(scan, results, self.cfg, folder / "overlay.png")
+            path = overlay_figure(scan, results, self.preps[model_id], self.cfg, folder / "overlay.png")
             return Response(path.read_bytes(), media_type=FORMATS[fmt])
         summary = summarize(scan, results, self.checkpoints[model_id], float(self.cfg.threshold))
-        body = {"model": model_id, "shape": planes_shape(scan, self.prep.axis), "masks": []}
+        axis = self.preps[model_id].axis
+        body = {"model": model_id, "shape": planes_shape(scan, axis), "masks": []}
         for entry, result in zip(summary["prompts"], results, strict=True):
             entry.pop("instances", None)  # serve does not compute per-query masks
-            body["masks"].append({**entry, "rle": rle_planes(result.mask, scan.is_3d, self.prep.axis)})
+            body["masks"].append({**entry, "rle": rle_planes(result.mask, scan.is_3d, axis)})
         if preview:
-            body["preview"] = preview_planes(scan, self.prep, results[0].prompt, self.cfg)
+            body["preview"] = preview_planes(scan, self.preps[model_id], results[0].prompt)
         return JSONResponse(body)
 
 

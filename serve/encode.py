@@ -11,17 +11,6 @@ import io
 
 import numpy as np
 
-from serve.uploads import UploadError
-
-
-def parse_box(text: str) -> list[float]:
-    from medsam3.inference import box_from_text
-
-    try:
-        return box_from_text(text)
-    except ValueError as exc:
-        raise UploadError(422, str(exc)) from exc
-
 
 def planes_shape(scan, axis: int) -> list[int]:
     """[slices, rows, columns] of the display planes (2D: [1, rows, columns])."""
@@ -46,13 +35,11 @@ def rle_planes(mask: np.ndarray, is_3d: bool, axis: int) -> list[dict]:
     return encoded
 
 
-def preview_planes(scan, prep, prompt: str, cfg) -> list[str]:
+def preview_planes(scan, prep, prompt: str) -> list[str]:
     """The display planes as base64 PNG (windowed for the first prompt), for the web page."""
     from PIL import Image
 
-    from medsam3.samples import Intensity
-
-    intensity = Intensity(scan.case, cfg.prepare)
+    intensity = prep.intensity(scan.case)
     window = prep.window(prompt, scan.case.modality)
     out = []
     for k in range(prep.num_slices(scan.case)):

@@ -4,7 +4,6 @@ checkpoints, and print the URL and an example request."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -20,17 +19,13 @@ class ServeError(StageError):
 
 
 def parse_checkpoints(specs: list[str]) -> dict[str, str]:
-    """``DIR`` or ``NAME=DIR`` → {id: absolute dir}; the first is the default model."""
-    found: dict[str, str] = {}
-    for spec in specs:
-        name, folder = storage.split_name(spec)
-        name = name or ("default" if not found else storage.name(folder))
-        if name in found:
-            raise ServeError(f"two checkpoints with the id {name!r}: use NAME=DIR")
-        found[name] = folder if storage.is_remote(folder) else str(Path(folder).absolute())
-    if not found:
-        raise ServeError("give at least one --checkpoint")
-    return found
+    """``DIR`` or ``NAME=DIR`` → {id: absolute dir}; the first is the default model ("default")."""
+    from medsam3.model import parse_checkpoints as parse
+
+    try:
+        return parse(specs, first_name="default")
+    except ValueError as exc:
+        raise ServeError(str(exc)) from exc
 
 
 def serve_config(path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import pytest
 
 from medsam3.inference import Preprocessor, Segmenter, inference_config
 from medsam3.io.scan import read_scan
-from medsam3.samples import Intensity
 from tests.builders import SAMMED2D
 
 SLICES = ["amos_0004_75.png", "amos_0006_90.png", "s0114_111.png", "s0619_32.png"]
@@ -33,10 +32,10 @@ def segmenter(tiny_checkpoint):
 
 
 def items_of(segmenter: Segmenter, image: np.ndarray, prompt: str = "liver"):
-    prep = Preprocessor(segmenter.cfg, segmenter.size)  # shipped at the model's size, as serve does
+    prep = Preprocessor(segmenter.plans, segmenter.size)  # shipped at the model's size, as serve does
     scan = read_scan(SAMMED2D / "images" / SLICES[0])
     case = type(scan.case)(**{**scan.case.__dict__, "image": image})
-    return prep.items(case, [prompt], [None], [0], Intensity(case, segmenter.cfg.prepare))
+    return prep.items(case, [prompt], [None], [0], prep.intensity(case))
 
 
 def images() -> list[np.ndarray]:

@@ -112,3 +112,71 @@ def test_evaluate_refuses_bad_input(shards, tiny_checkpoint, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o")]) == 1
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def _group(pred: np.ndarray, gt: np.ndarray, slices: list[int]) -> dict[str, np.ndarray]:
+    """A (case, label, mode) group of rows for the given slices of two (depth, side, side) volumes."""
+    side, n = pred.shape[1], len(slices)
+    return {"mode": np.array(["text"] * n), "dataset": np.array(["d"] * n), "modality": np.array(["CT"] * n),
+            "label": np.array(["liver"] * n), "prompt": np.array(["liver"] * n), "case_id": np.array(["c"] * n),
+            "slice_index": np.array(slices),
+            "pred": np.array([np.packbits(pred[k]).tobytes() for k in slices], dtype=object),
+            "gt": np.array([np.packbits(gt[k]).tobytes() for k in slices], dtype=object),
+            "spacing": np.array([np.array([1.0, 1.0, 2.0], np.float32)] * n, dtype=object),
+            "orig_size": np.array([[side, side]] * n, dtype=object), "score": np.ones(n)}
+
+
+def test_a_false_positive_on_a_slice_the_shards_sampled_out_counts_in_the_volume():
+    """The organ spans slices 10-19 of 40; the model also paints a blob on slices 33-36,
+    slices that `prepare` did not keep. Scored on the shards' slices the blob is invisible; scored
+    on the whole volume (evaluate's `scans`) Dice drops and HD95 grows."""
+    side = 64
+    yy, xx = np.mgrid[:side, :side]
+    gt = np.zeros((40, side, side), bool)
+    gt[10:20] = (yy - 32) ** 2 + (xx - 32) ** 2 < 15**2
+    pred = gt.copy()
+    pred[33:37] = (yy - 14) ** 2 + (xx - 48) ** 2 < 12**2
+    in_shards = list(range(10, 20)) + [3, 27]  # the organ's slices and two sampled empty ones
+    shards_only = case_metrics(_group(pred, gt, in_shards), side, tolerance_mm=2.0)
+    whole = case_metrics(_group(pred, gt, list(range(40))), side, tolerance_mm=2.0)
+    assert shards_only["dice"] == pytest.approx(1.0) and shards_only["hd95"] == pytest.approx(0.0)
+    assert whole["dice"] < 0.92 and whole["hd95"] > 20.0 and whole["slices"] == 40
+    want = all_metrics(pred, gt, (2.0, 1.0, 1.0), 2.0)
+    assert {k: whole[k] for k in want} == pytest.approx(want)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_evaluate_scores_held_out_cases_and_whole_volumes(shards, tiny_checkpoint, tmp_path):
+    """A checkpoint that records its run's training cases is scored on the others by default;
+    with `scans`, every slice of a 3D case is scored (the shards hold only some empty ones)."""
+    import json
+
+    stored = pads.dataset(shard_files(shards), format="parquet").to_table(
+        columns=["dataset", "case_id", "slice_index", "num_slices"]).to_pandas()
+    cases = sorted({f"{d}/{c}" for d, c in zip(stored.dataset, stored.case_id, strict=True)})
+    volume = next(c for c in cases if c.startswith("lesions/"))
+    trained = [c for c in cases if c != volume and not c.startswith("lesions/")][:2]
+    run_model = tmp_path / "run-model"
+    shutil.copytree(tiny_checkpoint, run_model)
+    (run_model / "medsam3_export.json").write_text(json.dumps(
+        {"step": 1, "prompts": None, "split": {"train": trained, "val": []}}))
+    cfg = inference_config(["gallery=0", "modes=[text]", "batch_size=8"], stage="evaluate")
+    run_evaluate(shards, [str(run_model)], tmp_path / "held-out", cfg)
+    held_out = pd.read_csv(tmp_path / "held-out" / "metrics.csv")
+    scored = {f"{d}/{c}" for d, c in zip(held_out.dataset, held_out.case_id, strict=True)}
+    assert scored == set(cases) - set(trained)
+    assert "Cases: " in (tmp_path / "held-out" / "report.md").read_text()
+    with pytest.raises(EvaluateError, match="no checkpoint records"):
+        run_evaluate(shards, [str(tiny_checkpoint)], tmp_path / "x", inference_config(["split=val"], stage="evaluate"))
+
+    whole = inference_config(["gallery=0", "modes=[text]", "batch_size=8", "split=all",
+                              f"scans={shards.parent / 'in'}"], stage="evaluate")
+    run_evaluate(shards, [str(tiny_checkpoint)], tmp_path / "whole", whole)
+    table = pd.read_csv(tmp_path / "whole" / "metrics.csv").set_index(["dataset", "case_id"])
+    lesions = stored[stored.dataset == "lesions"]
+    for case_id, part in lesions.groupby("case_id"):
+        depth = int(part.num_slices.iloc[0])
+        assert part.slice_index.nunique() < depth  # the shards hold only some of the slices
+        assert table.loc[("lesions", case_id), "slices"] == depth  # the volume is scored whole
+    assert set(table.loc["organs"].index) == set(stored[stored.dataset == "organs"].case_id)  # 2D from shards

@@ -87,14 +87,14 @@ def test_inference_builds_the_pixels_prepare_stores(tiny_checkpoint, tmp_path):
     rows = decode_batch(pads.dataset(shard_files(tmp_path / "shards"), format="parquet").to_table().to_pydict())
     segmenter = Segmenter(tiny_checkpoint, inference_config(["prepare.image_size=256"]))
     case = read_scan(RECIST / name).case
-    intensity = Intensity(case, segmenter.cfg.prepare)
+    intensity = Intensity(case, segmenter.plans)
     planes = [display_slice(case.image, 2, int(k)) for k in rows["slice_index"]]
     squares = segmenter.plane_squares(planes, intensity, segmenter.window("lesion", case.modality))
     assert len(squares) >= 3 and np.array_equal(squares, rows["image"])
     # the items the model runs on (grayscale bands, or already at the model's size) give the
     # model exactly the pixels of the stored squares
     for size in (None, segmenter.size):
-        prep = Preprocessor(segmenter.cfg, size)
+        prep = Preprocessor(segmenter.plans, size)
         items = prep.items(case, ["lesion"], [None], [int(k) for k in rows["slice_index"]], intensity)
         for item, stored in zip(items, rows["image"], strict=True):
             assert np.array_equal(model_pixels(item.square, segmenter.size), model_pixels(stored, segmenter.size))

@@ -20,6 +20,7 @@ from medsam3.io.npz import to_canonical
 from medsam3.samples import case_rows
 from medsam3.transforms import resize_pad, resized_shape
 from medsam3.vocab import Vocabulary
+from preprocessing.prepare import plans_for
 from tests.builders import (
     SAMMED2D,
     load_recist,
@@ -44,7 +45,7 @@ def cfg(**kw):
 
 def rows_of(folder, config, vocab):
     refs, _ = discover(folder, config, vocab)
-    return {ref.case_id: list(case_rows(read_case(ref, config), config, vocab)) for ref in refs}
+    return {ref.case_id: list(case_rows(read_case(ref, config), config, plans_for(config))) for ref in refs}
 
 
 def by_slice(rows):
@@ -103,7 +104,7 @@ def test_dicom_series_with_seg_matches_npz(tmp_path, recist, npz_rows, vocab):
     assert refs[0].case_id.startswith("dcm-") and datasets[0].SeriesInstanceUID not in refs[0].case_id
     case = read_case(refs[0], config)
     assert case.image.dtype == np.float32 and case.image.min() == -160.0  # rescale applied: HU
-    assert_same_rows(list(case_rows(case, config, vocab)), npz_rows)
+    assert_same_rows(list(case_rows(case, config, plans_for(config))), npz_rows)
 
 
 def assert_same_rows(rows, reference):
@@ -126,7 +127,7 @@ def test_dicom_overlapping_segments_both_kept(tmp_path, recist, vocab):
     (ref,), _ = discover(tmp_path / "d", config, vocab)
     case = read_case(ref, config)
     assert len(case.layers) == 2
-    rows = list(case_rows(case, config, vocab))
+    rows = list(case_rows(case, config, plans_for(config)))
     liver = [r for r in rows if r["label"] == "liver"]
     lesion = [r for r in rows if r["label"] == "lesion"]
     assert len(liver) == len(gts) and len(lesion) == int(gts.any(axis=(1, 2)).sum())
@@ -165,14 +166,14 @@ def test_medical_sam3_npz_with_text_prompts(tmp_path, recist, vocab):
     config = cfg(empty_fraction=0)
     refs, _ = discover(folder, config, vocab)
     json_ref = next(r for r in refs if r.case_id == "json")
-    rows = list(case_rows(read_case(json_ref, config), config, vocab))
+    rows = list(case_rows(read_case(json_ref, config), config, plans_for(config)))
     assert {r["prompt"] for r in rows} == {"adrenal nodule", "marker"}
     assert sum(r["prompt"] == "marker" for r in rows) == len(gts)
     pickled_ref = next(r for r in refs if r.case_id == "pickled")
     with pytest.raises(CaseError, match="allow_pickle"):
         read_case(pickled_ref, config)
     trusted = cfg(empty_fraction=0, allow_pickle="true")
-    assert len(list(case_rows(read_case(pickled_ref, trusted), trusted, vocab))) == len(rows)
+    assert len(list(case_rows(read_case(pickled_ref, trusted), trusted, plans_for(trusted)))) == len(rows)
 
 
 def test_pydicom_bundled_files(tmp_path, vocab):
@@ -201,7 +202,7 @@ def test_pydicom_bundled_files(tmp_path, vocab):
     case = read_case(refs[0], config)
     assert case.image.shape[2] == 1 and case.modality == "CT"
     assert np.array_equal(np.sort(case.image.ravel()), np.sort(hu.ravel().astype(np.float32)))  # rescaled
-    (row,) = list(case_rows(case, config, vocab))
+    (row,) = list(case_rows(case, config, plans_for(config)))
     assert row["prompt"] == "bone" and row["modality"] == "CT"
     assert row["spacing"][:2] == pytest.approx([float(ct.PixelSpacing[0]), float(ct.PixelSpacing[1])], rel=1e-4)
     assert row["area"] == mask.sum()  # 128 → 128: the mask is stored unchanged
@@ -227,7 +228,7 @@ def test_nnunet_v2_layout_and_slice_axes(tmp_path, vocab):
         config = cfg(empty_fraction=0, slice_axis=axis, image_size=64)
         (ref,) = discover(folder, config, vocab)[0]
         assert ref.case_id == "ph_001" and ref.modality == "CT"
-        rows = list(case_rows(read_case(ref, config), config, vocab))
+        rows = list(case_rows(read_case(ref, config), config, plans_for(config)))
         assert {r["num_slices"] for r in rows} == {depth}
         liver = max((r for r in rows if r["label"] == "liver"), key=lambda r: r["area"])
         h, w = liver["orig_size"]

@@ -100,7 +100,9 @@ def test_a_failed_prepare_leaves_the_s3_output_as_it_was(s3_shards, scans, s3_en
 
 @pytest.mark.slow
 def test_training_checkpoints_live_on_s3_and_resume_from_there(s3_shards, s3_endpoint, tmp_path):
-    from pipelines.train import export_run, latest_checkpoint, run_train
+    from pipelines.export import export_run
+    from pipelines.run_folder import RunFolder
+    from pipelines.train import run_train
 
     shards, _ = s3_shards
     run = f"{BUCKET}/runs/tiny"
@@ -111,9 +113,10 @@ def test_training_checkpoints_live_on_s3_and_resume_from_there(s3_shards, s3_end
     files = storage.listing(run)
     run_files = {"train_config.yaml", "prompts.json", "metrics.jsonl", "curves.csv", "tokenizer/tokenizer.json"}
     assert run_files <= set(files)
-    assert storage.name(latest_checkpoint(run)).startswith("checkpoint_")
+    latest = storage.name(RunFolder(run).latest_checkpoint())
+    assert latest.startswith("checkpoint_")
     # every rank's ZeRO-3 shard is in the checkpoint on S3
-    shard_files = [f for f in files if f.startswith(storage.name(latest_checkpoint(run))) and "optim_states" in f]
+    shard_files = [f for f in files if f.startswith(latest) and "optim_states" in f]
     assert len(shard_files) == 2, shard_files
 
     # the same run again, longer: it starts from step 4 of the checkpoint on S3
@@ -121,7 +124,7 @@ def test_training_checkpoints_live_on_s3_and_resume_from_there(s3_shards, s3_end
     assert second.metrics["step"] == 6
     log = [json.loads(line) for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
     assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6]
-    assert json.loads(storage.read_text(f"{latest_checkpoint(run)}/trainer_state.json"))["step"] == 6
+    assert json.loads(storage.read_text(f"{RunFolder(run).latest_checkpoint()}/trainer_state.json"))["step"] == 6
     checkpoints = {f.split("/")[0] for f in storage.listing(run) if f.startswith("checkpoint_") and "/" in f}
     assert len(checkpoints) == 2  # num_to_keep, applied on S3
 

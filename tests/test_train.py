@@ -13,11 +13,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from medsam3.config import load_config
-from pipelines.train import TrainError, export_run, probe_inputs, run_train
+from pipelines.export import export_run
+from pipelines.recipe import probe_inputs
+from pipelines.run_folder import RunFolder
+from pipelines.settings import TrainError
+from pipelines.train import run_train
 from preprocessing.prepare import run_prepare
 from tests.builders import SAMMED2D
 
@@ -107,7 +112,7 @@ def test_fine_tuned_beats_its_starting_point_in_evaluate(trained, shards, tmp_pa
     torch.manual_seed(0)  # as train_loop_per_worker does with train.seed=0
     build_model("tiny").save_pretrained(vanilla)
     AutoTokenizer.from_pretrained(run_dir / "tokenizer").save_pretrained(vanilla)
-    cfg = inference_config(["gallery=0", "prepare.image_size=256"], stage="evaluate")
+    cfg = inference_config(["gallery=0", "prepare.image_size=256", "split=all"], stage="evaluate")  # training cases
     run_evaluate(shards, [f"vanilla={vanilla}", f"tuned={tuned}"], tmp_path / "report", cfg)
     table = pd.read_csv(tmp_path / "report" / "metrics.csv")
     dice = table[table["mode"] == "text"].groupby("checkpoint")["dice"].mean()
@@ -214,8 +219,6 @@ def test_refuses_bad_shards_and_too_many_workers(shards, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
-    from pipelines.train import latest_checkpoint
-
     run_dir = tmp_path / "diverges"
     # An absurd learning rate turns the weights to inf/NaN after the first update.
     with pytest.raises(TrainError, match=r"non-finite loss at step \d+") as failure:
@@ -223,6 +226,69 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards
                                              "optim.warmup_steps=1", "optim.lr_heads=1e30", "optim.lr_backbone=1e30"))
     message = str(failure.value)
     assert "amos_0" in message or "s0619_32" in message  # the samples of the failing step are named
-    good = json.loads((Path(latest_checkpoint(run_dir)) / "trainer_state.json").read_text())["step"]
+    good = json.loads((Path(RunFolder(run_dir).latest_checkpoint()) / "trainer_state.json").read_text())["step"]
     failed_at = int(re.findall(r"non-finite loss at step (\d+)", message)[0])
     assert good == failed_at - 1
+
+
+def test_same_seed_same_losses_different_seed_different_ones(shards, tmp_path):
+    """Augmentation (crop, flip, jitter), box prompts and the shuffle are all seeded: two runs
+    with one seed log identical losses and samples; another seed does not."""
+    augmented = ("train.max_steps=4", "train.checkpoint_every=4", "train.batch_size=1", "train.box_prompt_prob=0.5",
+                 "train.flip_prob=0.5", "train.intensity_jitter=0.1", "train.crop_scale=[0.5,1.0]")
+    logs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert run_train(shards, tmp_path / name, train_cfg(f"train.seed={seed}", *augmented)).error is None
+        logs[name] = metrics(tmp_path / name)
+    same = [[(m["loss"], m["samples"]) for m in logs[n]] for n in ("a", "b")]
+    assert same[0] == same[1] and len(same[0]) == 4
+    assert [m["loss"] for m in logs["c"]] != [m["loss"] for m in logs["a"]]
+    # each rank's torch RNG is saved with the checkpoint
+    assert {p.name for p in Path(RunFolder(tmp_path / "a").latest_checkpoint()).glob("torch_rng_rank*.pt")} == {
+        "torch_rng_rank0.pt", "torch_rng_rank1.pt"}
+
+
+def test_preprocessing_plans_travel_from_prepare_to_predict(tmp_path):
+    """nnU-Net's contract: shards made at 512² with a custom CT window train a model whose export
+    carries those plans, so predict makes the shards' pixels with no flag; shards made otherwise
+    are refused by a resumed run and by evaluate, naming the settings."""
+    from medsam3.inference import Segmenter, inference_config
+    from medsam3.io.scan import read_scan
+    from medsam3.phantom import write_phantom_dataset
+    from medsam3.plans import Plans, PlansMismatch
+    from medsam3.schema import decode_batch, shard_dataset, shard_files
+    from medsam3.transforms import display_slice
+    from pipelines.evaluate import EvaluateError, run_evaluate
+    from preprocessing.prepare import run_prepare
+
+    write_phantom_dataset(tmp_path / "phantom", 1, (48, 48, 6))
+    custom = ["image_size=512", "windows.soft_tissue=[250,60]", "empty_fraction=0"]
+    run_prepare(tmp_path / "phantom", tmp_path / "shards", load_config("prepare", custom))
+    run_dir = tmp_path / "run"
+    result = run_train(tmp_path / "shards", run_dir, train_cfg("train.max_steps=1", "train.checkpoint_every=1",
+                                                               "train.batch_size=1"))
+    assert result.error is None
+    model = Path(export_run(run_dir, tmp_path / "model"))
+    plans = Plans.load(model)
+    assert plans.image_size == 512 and plans.windows["soft_tissue"] == (250.0, 60.0)
+
+    segmenter = Segmenter(model, inference_config())  # no prepare.* flag
+    rows = decode_batch(shard_dataset(shard_files(tmp_path / "shards")).to_table().to_pydict())
+    case = read_scan(tmp_path / "phantom" / "imagesTr" / "phantom_000.nii.gz").case
+    liver = [i for i, p in enumerate(rows["prompt"]) if p == "liver"]
+    planes = [display_slice(case.image, plans.slice_axis, int(rows["slice_index"][i])) for i in liver]
+    squares = segmenter.plane_squares(planes, segmenter.prep.intensity(case), segmenter.window("liver", "CT"))
+    assert squares.shape[1:] == (512, 512, 3)
+    assert np.array_equal(squares, np.stack([rows["image"][i] for i in liver]))
+    default = Plans.from_prepare_config(load_config("prepare", ["image_size=512"]))
+    plain = default.square(planes[0], segmenter.prep.intensity(case), "soft_tissue")
+    assert not np.array_equal(plain, squares[0])  # the custom window changed the pixels
+
+    with pytest.raises(PlansMismatch, match="image_size: 640 vs 512"):
+        Segmenter(model, inference_config(["prepare.image_size=640"]))
+    other = load_config("prepare", ["image_size=256", "empty_fraction=0"])
+    run_prepare(tmp_path / "phantom", tmp_path / "other", other)
+    with pytest.raises(TrainError, match="image_size: 512 vs 256"):
+        run_train(tmp_path / "other", run_dir, train_cfg("train.max_steps=2", "train.batch_size=1"))
+    with pytest.raises(EvaluateError, match="image_size: 512 vs 256"):
+        run_evaluate(tmp_path / "other", [str(model)], tmp_path / "report", inference_config(stage="evaluate"))

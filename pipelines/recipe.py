@@ -1,0 +1,299 @@
+"""What each Ray Train worker runs: full fine-tuning of SAM3 under DeepSpeed ZeRO-3, as a recipe.
+
+``FullFinetuneRecipe`` reads the run's settings once, sets up the model, tokenizer and engine,
+restores the latest checkpoint (weights, optimizer, step, each rank's torch RNG), then ``train``
+streams the worker's shard, augments each sample from its own seeded stream, steps, validates
+over every rank and checkpoints. The driver (``pipelines/train.py``) starts it on every worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from medsam3.io import storage
+from pipelines.run_folder import TRAINER_STATE
+from pipelines.settings import TrainError, TrainSettings
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    recipe = FullFinetuneRecipe(config)
+    recipe.setup()
+    recipe.train()
+    recipe.save_probe_outputs()
+
+
+class FullFinetuneRecipe:
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        self.cfg = OmegaConf.create(config["cfg"])
+        self.settings = TrainSettings.from_config(self.cfg)
+        storage.configure(self.cfg.get("storage"))
+        self.run_dir: str = config["run_dir"]
+        self.image_size = int(config["image_size"])
+        self.steps_per_epoch = int(config["steps_per_epoch"])
+        self.tokenizer_files: dict[str, bytes] = config["tokenizer_files"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.step = 0
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.setup_seeds()
+        model = self.setup_model()
+        self.tokenizer = self.setup_tokenizer()
+        self.setup_engine(model)
+        self.load_checkpoint()
+        import ray.train
+
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val") if self.settings.val_every else None
+
+    def setup_seeds(self) -> None:
+        seed = self.settings.seed
+        random.seed(seed + self.rank)
+        np.random.seed(seed + self.rank)
+        torch.manual_seed(seed)  # the same initial weights on every rank
+
+    def setup_model(self):
+        from medsam3.model import build_model, enable_activation_checkpointing
+        from medsam3.ops import enable_box_prompts
+
+        enable_box_prompts()
+        model = build_model(self.settings.preset, self.settings.model_path)
+        if self.settings.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
+    def setup_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as folder:  # the driver's tokenizer, shipped as bytes to any node
+            for file, data in self.tokenizer_files.items():
+                Path(folder, file).write_bytes(data)
+            return AutoTokenizer.from_pretrained(folder)
+
+    def setup_engine(self, model) -> None:
+        import deepspeed
+
+        from medsam3.optim import inverse_sqrt_schedule, param_groups
+
+        optimizer = torch.optim.AdamW(param_groups(model, self.settings.optim))
+        scheduler = inverse_sqrt_schedule(optimizer, self.settings.optim, self.settings.max_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.settings.deepspeed_config())
+        self.to_engine = engine_inputs(self.engine)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def load_checkpoint(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return
+        with checkpoint.as_directory() as folder:
+            self.engine.load_checkpoint(folder, tag="checkpoint")
+            self.step = int(json.loads((Path(folder) / TRAINER_STATE).read_text())["step"])
+            rng_file = Path(folder) / f"torch_rng_rank{self.rank}.pt"
+            if rng_file.is_file():  # absent when the world size grew: keep this rank's fresh stream
+                set_rng_state(torch.load(rng_file, weights_only=True))
+
+    def save_checkpoint(self, metrics: dict[str, Any], epoch: int) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.engine.save_checkpoint(folder, tag="checkpoint")
+            # every rank's files land in one checkpoint folder (Ray merges them)
+            torch.save(rng_state(), Path(folder) / f"torch_rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": self.step, "epoch": epoch}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    # --- training ----------------------------------------------------------------------------
+
+    def train(self) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        first_step = self.step
+        while self.step < s.max_steps:
+            # The data position is (epoch, batch in epoch) = divmod(step, steps_per_epoch): a resumed
+            # or restarted run skips the batches its epoch already trained on, then finishes that
+            # epoch. Ray Data's streaming split hands rows to workers as they ask, so which rows make
+            # up the rest of an interrupted epoch may differ from an uninterrupted run; within a
+            # worker the order is a shuffle seeded by (seed, epoch), and each sample's augmentation
+            # is seeded by (seed, epoch, sample).
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            batches = self.train_shard.iter_batches(
+                batch_size=s.batch_size, batch_format="numpy", drop_last=True,
+                local_shuffle_buffer_size=s.shuffle_buffer or None,
+                local_shuffle_seed=int(np.random.SeedSequence([s.seed, epoch]).generate_state(1)[0]))
+            waited_from = time.perf_counter()
+            for index, batch in enumerate(batches):
+                if index >= self.steps_per_epoch:
+                    break
+                if index < done:
+                    continue
+                metrics = self.train_step(batch, epoch, data_wait=time.perf_counter() - waited_from)
+                elapsed = time.perf_counter() - started
+                metrics["eta_s"] = elapsed / (self.step - first_step) * (s.max_steps - self.step)
+                if self.val_shard is not None and self.step % s.val_every == 0:
+                    metrics["val_dice"], metrics["val_samples"] = self.validate()
+                if self.step % s.checkpoint_every == 0 or self.step >= s.max_steps:
+                    self.save_checkpoint(metrics, epoch)
+                else:
+                    import ray.train
+
+                    ray.train.report(metrics)
+                waited_from = time.perf_counter()
+                if self.step >= s.max_steps:
+                    break
+            if self.step < s.max_steps and self.step != (epoch + 1) * self.steps_per_epoch:
+                raise TrainError(f"rank {self.rank}: epoch {epoch} ended after "
+                                 f"{self.step - epoch * self.steps_per_epoch} of {self.steps_per_epoch} batches")
+
+    def train_step(self, batch: dict[str, np.ndarray], epoch: int, data_wait: float) -> dict[str, Any]:
+        from medsam3.losses import set_loss
+        from pipelines.train_data import augment_batch, collate
+
+        s = self.settings
+        started = time.perf_counter()
+        rows, rngs = augment_batch(batch, self.image_size, s.augment, s.seed, epoch)
+        inputs, targets = collate(rows, self.tokenizer, rngs, s.box_prompt_prob, s.box_noise,
+                                  s.box_noise_max_px, s.max_instances)
+        augment_s = time.perf_counter() - started
+        outputs = self.engine(**self.to_engine(inputs))
+        # non-finite outputs would already break the matching, so check them before the loss
+        finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))
+        terms = set_loss(outputs, targets, s.loss) if finite else None
+        if terms is None or not torch.isfinite(terms["loss"]):
+            where = ", ".join(f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True))
+            raise TrainError(f"non-finite loss at step {self.step + 1} on samples {where}; "
+                             "the last good checkpoint is kept")
+        self.engine.backward(terms["loss"])
+        self.engine.step()
+        self.step += 1
+        step_s = time.perf_counter() - started - augment_s
+        return {"step": self.step, "max_steps": s.max_steps, "epoch": epoch,
+                "lr": self.scheduler.get_last_lr()[-1] if self.scheduler else 0.0,
+                "samples_per_s": s.batch_size * self.world / (time.perf_counter() - started + data_wait),
+                "step_s": step_s, "data_wait_s": data_wait + augment_s,
+                "dtype": str(outputs.pred_logits.dtype).removeprefix("torch."),
+                **{k: float(v) for k, v in terms.items()},
+                "train_dice": float(np.mean(merged_dice(outputs, rows["mask"], s.threshold))),
+                "samples": self.gather_sample_ids(rows)}
+
+    def validate(self) -> tuple[float, int]:
+        """Mean Dice over the validation samples of every rank (their sums are all-reduced), text
+        prompts only and inference's selection rule; returns (mean, samples). Ray Train splits the
+        validation rows equally, so every rank runs the same number of batches (ZeRO-3 needs that)."""
+        import torch.distributed as dist
+
+        from pipelines.train_data import collate
+
+        s = self.settings
+        total, count = 0.0, 0
+        self.engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(self.val_shard.iter_batches(batch_size=s.batch_size, batch_format="numpy")):
+                if i >= s.val_batches:
+                    break
+                inputs, _ = collate(batch, self.tokenizer)
+                scores = merged_dice(self.engine(**self.to_engine(inputs)), batch["mask"], s.threshold)
+                total, count = total + sum(scores), count + len(scores)
+        self.engine.train()
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.engine.device if nccl else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return (float(sums[0] / sums[1]) if sums[1] else float("nan")), int(sums[1])
+
+    def gather_sample_ids(self, rows: dict[str, np.ndarray]) -> list[str]:
+        """Every rank's ``case_id#slice_index`` of this step, in rank order (for the log)."""
+        import torch.distributed as dist
+
+        mine = [f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True)]
+        if self.world == 1 or not dist.is_initialized():
+            return mine
+        every: list[list[str] | None] = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return [sample for rank in every for sample in rank]
+
+    def save_probe_outputs(self) -> None:
+        """A fixed probe batch through the trained engine (a collective: every rank runs it); rank 0
+        keeps the outputs so an export can be checked against the engine it came from."""
+        self.engine.eval()
+        with torch.no_grad():
+            out = self.engine(**self.to_engine(probe_inputs(self.tokenizer, self.image_size)))
+        if self.rank == 0:
+            buffer = io.BytesIO()
+            torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()},
+                       buffer)
+            storage.write_bytes(storage.join(self.run_dir, "probe_outputs.pt"), buffer.getvalue())
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch's CPU generator and, on a GPU worker, its device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def engine_inputs(engine):
+    """A function moving a batch of model inputs to the engine's device, floating-point ones in
+    its parameters' dtype (bf16 engines take bf16 pixels and boxes; ids and masks stay integer)."""
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+    def move(inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(engine.device, dtype) if v.is_floating_point() else v.to(engine.device)
+                for k, v in inputs.items()}
+
+    return move
+
+
+def probe_inputs(tokenizer, size: int) -> dict[str, Any]:
+    """A deterministic batch (a smooth synthetic image, two prompts) for comparing models."""
+    from medsam3.model import tokenize
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    image = torch.stack([xx, yy, (xx * yy)]).clamp(-1, 1)
+    tokens = tokenize(tokenizer, ["liver", "left kidney"])
+    return {"pixel_values": image[None].repeat(2, 1, 1, 1), "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"]}
+
+
+def merged_dice(outputs, masks: np.ndarray, threshold: float) -> list[float]:
+    """Dice of each sample's prediction made as inference makes it (``select_queries``): the masks
+    of the queries whose score × presence exceeds ``threshold``, merged; empty when none passes."""
+    import torch.nn.functional as F
+
+    from medsam3.inference import select_queries
+
+    with torch.no_grad():
+        _, keep = select_queries(outputs.pred_logits.float(), outputs.presence_logits.float(), threshold)
+        pred = F.interpolate(outputs.pred_masks.float(), size=masks[0].shape, mode="bilinear") > 0
+        merged = (pred & keep[:, :, None, None]).any(1).cpu().numpy()
+    scores = []
+    for p, gt in zip(merged, masks, strict=True):
+        gt = np.asarray(gt) > 0
+        total = p.sum() + gt.sum()
+        scores.append(1.0 if total == 0 else float(2 * (p & gt).sum() / total))
+    return scores

@@ -1,0 +1,121 @@
+"""The training configuration read once into typed fields, with its bad combinations refused.
+
+``configs/train.yaml`` (merged with overrides) becomes a frozen :class:`TrainSettings` on the
+driver, before any worker starts; workers rebuild it from the same mapping. Loss weights and
+learning rates stay mappings: ``set_loss`` and ``param_groups`` read them by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medsam3.errors import StageError
+from pipelines.train_data import Augmentation
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainError(StageError):
+    """The run cannot start (bad settings or shards, not enough resources) or was stopped (NaN loss)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    preset: str | None
+    model_path: str | None
+    bpe_path: str | None
+    num_workers: int
+    use_gpu: bool
+    precision: str  # resolved: fp32 | bf16
+    cpus_per_worker: float
+    activation_checkpointing: bool
+    zero_optimization: dict[str, Any]
+    batch_size: int
+    max_steps: int
+    checkpoint_every: int
+    num_to_keep: int
+    max_failures: int
+    val_every: int
+    val_fraction: float
+    val_batches: int
+    threshold: float
+    seed: int
+    shuffle_buffer: int
+    box_prompt_prob: float
+    box_noise: float
+    box_noise_max_px: float
+    max_instances: int | None
+    gradient_clipping: float
+    augment: Augmentation
+    run_name: str | None
+    loss: dict[str, float]
+    optim: DictConfig
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> TrainSettings:
+        t = cfg.train
+        value = str(t.precision)
+        if value not in PRECISIONS:
+            raise TrainError(f"train.precision={value!r}: expected one of {', '.join(PRECISIONS)}")
+        resolved = ("bf16" if t.use_gpu else "fp32") if value == "auto" else value
+        try:
+            augment = Augmentation.from_config(t)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from exc
+        settings = cls(
+            preset=cfg.model.preset, model_path=cfg.model.path, bpe_path=cfg.model.bpe_path,
+            num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), precision=resolved,
+            cpus_per_worker=float(t.cpus_per_worker), activation_checkpointing=bool(t.activation_checkpointing),
+            zero_optimization=OmegaConf.to_container(t.zero_optimization, resolve=True),
+            batch_size=int(t.batch_size), max_steps=int(t.max_steps), checkpoint_every=int(t.checkpoint_every),
+            num_to_keep=int(t.num_to_keep), max_failures=int(t.max_failures),
+            val_every=int(t.val_every), val_fraction=float(t.val_fraction), val_batches=int(t.val_batches),
+            threshold=float(t.threshold), seed=int(t.seed), shuffle_buffer=int(t.shuffle_buffer),
+            box_prompt_prob=float(t.box_prompt_prob), box_noise=float(t.box_noise),
+            box_noise_max_px=float(t.box_noise_max_px), max_instances=int(cfg.loss.max_instances) or None,
+            gradient_clipping=float(cfg.optim.gradient_clipping), augment=augment,
+            run_name=t.run_name, loss=OmegaConf.to_container(cfg.loss, resolve=True), optim=cfg.optim,
+        )
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        positive = {"train.num_workers": self.num_workers, "train.batch_size": self.batch_size,
+                    "train.max_steps": self.max_steps, "train.checkpoint_every": self.checkpoint_every,
+                    "train.cpus_per_worker": self.cpus_per_worker}
+        for key, value in positive.items():
+            if value <= 0:
+                raise TrainError(f"{key}={value}: must be positive")
+        if self.val_every < 0 or (self.val_every and self.val_batches <= 0):
+            raise TrainError(f"train.val_every={self.val_every}, train.val_batches={self.val_batches}: "
+                             "validation needs val_every >= 0 and val_batches > 0")
+        if self.val_every and not 0 < self.val_fraction < 1:
+            raise TrainError(f"train.val_every={self.val_every} needs 0 < train.val_fraction < 1 "
+                             f"(got {self.val_fraction}): there would be no validation cases")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainError(f"train.val_fraction={self.val_fraction}: expected 0 <= fraction < 1")
+        if not 0 <= self.box_prompt_prob <= 1:
+            raise TrainError(f"train.box_prompt_prob={self.box_prompt_prob}: expected a probability")
+        if self.model_path is None and self.preset is None:
+            raise TrainError("model.preset and model.path are both null: name a preset or a checkpoint folder")
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": self.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.gradient_clipping,
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                  **self.zero_optimization},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    @property
+    def cpus_needed(self) -> float:
+        """Training workers plus one CPU for the Ray Data pipeline."""
+        return self.num_workers * self.cpus_per_worker + 1
