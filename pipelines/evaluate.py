@@ -93,8 +93,9 @@ def select_cases(cases: Sequence[tuple[str, str]], found: dict[str, str], split:
     trained = set().union(*known)
     chosen = [c for c in cases if (f"{c[0]}/{c[1]}" in trained) == (split == "train")]
     if not chosen:
-        raise EvaluateError(f"split={split}: none of the {len(cases)} case(s) in the shards "
-                            f"{'was' if split == 'train' else 'was not'} trained on")
+        raise EvaluateError(f"split=val: all {len(cases)} case(s) in the shards were trained on; split=all "
+                            "scores them anyway" if split == "val" else
+                            f"split=train: none of the {len(cases)} case(s) in the shards was trained on")
     return split, chosen
 
 

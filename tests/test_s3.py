@@ -136,7 +136,8 @@ def test_training_checkpoints_live_on_s3_and_resume_from_there(s3_shards, s3_end
     from medsam3.inference import inference_config
     from pipelines.evaluate import run_evaluate
 
-    cfg = inference_config(["num_actors=1", "gallery=1", f"storage.endpoint_url={s3_endpoint}"], stage="evaluate")
+    cfg = inference_config(["num_actors=1", "gallery=1", "split=all", f"storage.endpoint_url={s3_endpoint}"],
+                           stage="evaluate")  # the training cases: the shards hold no other
     summary = run_evaluate(shards, [f"tuned={model}"], f"{BUCKET}/reports/tiny", cfg)
     assert summary["checkpoints"] == {"tuned": "tiny"}
     written = storage.listing(f"{BUCKET}/reports/tiny")

@@ -256,6 +256,7 @@ def test_preprocessing_plans_travel_from_prepare_to_predict(tmp_path):
     from medsam3.io.scan import read_scan
     from medsam3.phantom import write_phantom_dataset
     from medsam3.plans import Plans, PlansMismatch
+    from medsam3.samples import Intensity
     from medsam3.schema import decode_batch, shard_dataset, shard_files
     from medsam3.transforms import display_slice
     from pipelines.evaluate import EvaluateError, run_evaluate
@@ -281,7 +282,7 @@ def test_preprocessing_plans_travel_from_prepare_to_predict(tmp_path):
     assert squares.shape[1:] == (512, 512, 3)
     assert np.array_equal(squares, np.stack([rows["image"][i] for i in liver]))
     default = Plans.from_prepare_config(load_config("prepare", ["image_size=512"]))
-    plain = default.square(planes[0], segmenter.prep.intensity(case), "soft_tissue")
+    plain = default.square(planes[0], Intensity(case, default), "soft_tissue")
     assert not np.array_equal(plain, squares[0])  # the custom window changed the pixels
 
     with pytest.raises(PlansMismatch, match="image_size: 640 vs 512"):
