@@ -195,8 +195,12 @@ class Predictor:
                 out["score"].append(float(scores[i]))
                 for key in keep:
                     out[key].append(batch[key][i])
-        return {k: np.array(v, dtype=object) if k in ("pred", "gt", "spacing", "orig_size") else np.array(v)
-                for k, v in out.items()}
+        # fixed dtypes: rows read from the shards and rows cut from a scan again (``scans``) must
+        # give blocks of one schema, or Ray Data cannot group them together
+        typed = {"spacing": np.float64, "orig_size": np.int64, "slice_index": np.int64, "score": np.float64}
+        return {k: np.array(v, dtype=object) if k in ("pred", "gt") else
+                np.stack([np.asarray(x, typed[k]) for x in v]) if k in ("spacing", "orig_size") and v else
+                np.array(v, dtype=typed.get(k)) for k, v in out.items()}
 
 
 def case_metrics(group: dict[str, np.ndarray], side: int, tolerance_mm: float) -> dict[str, Any]:
@@ -267,12 +271,14 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     cfg.storage = storage.settings()  # actors get the settings in force here (config or environment)
     plain = OmegaConf.to_container(cfg, resolve=True)
     frames = []
+    from_shards = chosen_set - volumes
     for name, folder in found.items():
         # the chosen cases' rows; a 3D case read again from its scan when given (whole volumes)
         rows = ray.data.read_parquet(paths, filesystem=filesystem).filter(
-            lambda r: (r["dataset"], r["case_id"]) in chosen_set and (r["dataset"], r["case_id"]) not in volumes)
+            lambda r: (r["dataset"], r["case_id"]) in from_shards) if from_shards else None
         if volumes:
-            rows = rows.union(volume_source(scans, manifest, volumes, cfg.prepare))
+            whole = volume_source(scans, manifest, volumes, cfg.prepare)
+            rows = whole if rows is None else rows.union(whole)
         rows = rows.map_batches(
             Predictor, fn_constructor_kwargs={"checkpoint": folder, "cfg": plain,
                                               "threads": int(cfg.cpus_per_actor)},

@@ -44,6 +44,7 @@ class TrainSettings:
     threshold: float
     seed: int
     shuffle_buffer: int
+    cache_max_mb: float
     box_prompt_prob: float
     box_noise: float
     box_noise_max_px: float
@@ -74,6 +75,7 @@ class TrainSettings:
             num_to_keep=int(t.num_to_keep), max_failures=int(t.max_failures),
             val_every=int(t.val_every), val_fraction=float(t.val_fraction), val_batches=int(t.val_batches),
             threshold=float(t.threshold), seed=int(t.seed), shuffle_buffer=int(t.shuffle_buffer),
+            cache_max_mb=float(t.cache_max_mb),
             box_prompt_prob=float(t.box_prompt_prob), box_noise=float(t.box_noise),
             box_noise_max_px=float(t.box_noise_max_px), max_instances=int(cfg.loss.max_instances) or None,
             gradient_clipping=float(cfg.optim.gradient_clipping), augment=augment,

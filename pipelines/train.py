@@ -39,6 +39,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     manifest = validate_shards(shards)
     cfg.storage = storage.settings()  # workers get the settings in force here (config or environment)
     run = RunFolder(run_dir).open()
+    plans = shards_plans(shards, manifest, run)
     if not ray.is_initialized():
         # a local Ray gets a logical CPU for the data pipeline beside the training workers
         local_cpus = None if address else max(os.cpu_count() or 1, settings.cpus_needed)
@@ -68,8 +69,11 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     if settings.val_every:
         val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
+    decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20  # RGB image + mask
+    if decoded_mb <= settings.cache_max_mb:  # small shards: read once, not again every epoch
+        datasets = {name: data.materialize() for name, data in datasets.items()}
     OmegaConf.save(cfg, run.local / "train_config.yaml")
-    shards_plans(shards, manifest, run).save(run.local)
+    plans.save(run.local)
     (run.local / SPLIT_FILE).write_text(json.dumps(split, indent=1))
     # the prompts the model is trained on (flips swap sides), so inference can flag unseen ones
     shard_prompts = _prompts(shards)

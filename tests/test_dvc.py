@@ -40,7 +40,7 @@ def test_dvc_pipeline_runs_end_to_end_and_reruns_only_what_changed(tmp_path):
     dvc("init", "-q")
     dvc("repro")
     manifest = json.loads((work / "data" / "shards" / "manifest.json").read_text())
-    assert manifest["config"]["image_size"] == 128 and manifest["num_cases"] == 3
+    assert manifest["config"]["image_size"] == 128 and manifest["num_cases"] == 4
     assert {c["label"] for c in manifest["counts"]} >= {"liver", "spleen", "lung_left", "vertebra"}
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     first = lock["stages"]["prepare"]["outs"][0]["md5"]
