@@ -120,22 +120,26 @@ class Plans:
 
     # --- comparisons -------------------------------------------------------------------------
 
-    def differences(self, other: Plans) -> list[str]:
-        """``key: mine vs theirs`` for every setting that differs (the vocabulary by digest)."""
-        out = []
+    def differences(self, other: Plans) -> dict[str, str]:
+        """setting → ``"mine vs theirs"`` for every setting that differs (the vocabulary by digest)."""
+        out = {}
         for key in ("image_size", "slice_axis", "windows", "window", "window_overrides", "percentiles",
                     "vocabulary_digest"):
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine != theirs:
-                out.append(f"{key}: {_show(mine)} vs {_show(theirs)}")
+                out[key] = f"{_show(mine)} vs {_show(theirs)}"
         return out
 
-    def require_same(self, other: Plans, mine: str, theirs: str) -> None:
-        """Raise :class:`PlansMismatch` naming each differing setting and both values."""
+    def require_same(self, other: Plans, mine: str, theirs: str, error: type[Exception] = PlansMismatch) -> None:
+        """Raise ``error`` (a stage's own error type) naming each differing setting and both values."""
         found = self.differences(other)
         if found:
-            raise PlansMismatch(f"{mine} and {theirs} were preprocessed differently ({'; '.join(found)}); "
-                                "prepare them with the same settings")
+            raise error(f"{mine} and {theirs} were preprocessed differently ({_listed(found)}); "
+                        "prepare them with the same settings")
+
+
+def _listed(found: dict[str, str]) -> str:
+    return "; ".join(f"{key}: {values}" for key, values in found.items())
 
 
 def _show(value: Any) -> str:
@@ -157,10 +161,10 @@ def checkpoint_plans(checkpoint: str | os.PathLike, prepare_cfg: Any) -> Plans:
     if saved is None:
         return asked
     defaults = Plans.from_prepare_config(load_config("prepare"))
-    keys = {d.split(":")[0] for d in asked.differences(defaults)} & {d.split(":")[0] for d in asked.differences(saved)}
-    if keys:
-        clash = [d for d in asked.differences(saved) if d.split(":")[0] in keys]
+    contradicted = asked.differences(saved)
+    clash = {key: values for key, values in contradicted.items() if key in asked.differences(defaults)}
+    if clash:
         raise PlansMismatch(f"{checkpoint} was trained on pixels made with other settings than those asked for "
-                            f"({'; '.join(clash)}: asked vs saved); drop the prepare.* overrides, "
+                            f"({_listed(clash)}: asked vs saved); drop the prepare.* overrides, "
                             "the checkpoint's plans.json applies")
     return saved

@@ -40,7 +40,7 @@ from medsam3.io.storage import staged_output
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
 from medsam3.model import parse_checkpoints as parse
-from medsam3.plans import Plans, PlansMismatch
+from medsam3.plans import Plans
 from medsam3.ray_local import init_ray
 from medsam3.schema import arrow_source, decode_batch, row_tables, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
@@ -107,10 +107,7 @@ def _check_plans(manifest: dict, found: dict[str, str], shards) -> Plans | None:
     for name, path in found.items():
         saved = Plans.load(storage.local_copy(path))
         if saved is not None:
-            try:
-                saved.require_same(plans, f"checkpoint {name}", f"shards {storage.name(shards)}")
-            except PlansMismatch as exc:
-                raise EvaluateError(str(exc)) from exc
+            saved.require_same(plans, f"checkpoint {name}", f"shards {storage.name(shards)}", error=EvaluateError)
     return plans
 
 
@@ -271,15 +268,16 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     cfg.storage = storage.settings()  # actors get the settings in force here (config or environment)
     plain = OmegaConf.to_container(cfg, resolve=True)
     frames = []
+    # the chosen cases' rows, built once for every checkpoint (the scans are discovered once); a
+    # 3D case is read again from its scan when given (whole volumes)
     from_shards = chosen_set - volumes
+    source = ray.data.read_parquet(paths, filesystem=filesystem).filter(
+        lambda r: (r["dataset"], r["case_id"]) in from_shards) if from_shards else None
+    if volumes:
+        whole = volume_source(scans, manifest, volumes, cfg.prepare)
+        source = whole if source is None else source.union(whole)
     for name, folder in found.items():
-        # the chosen cases' rows; a 3D case read again from its scan when given (whole volumes)
-        rows = ray.data.read_parquet(paths, filesystem=filesystem).filter(
-            lambda r: (r["dataset"], r["case_id"]) in from_shards) if from_shards else None
-        if volumes:
-            whole = volume_source(scans, manifest, volumes, cfg.prepare)
-            rows = whole if rows is None else rows.union(whole)
-        rows = rows.map_batches(
+        rows = source.map_batches(
             Predictor, fn_constructor_kwargs={"checkpoint": folder, "cfg": plain,
                                               "threads": int(cfg.cpus_per_actor)},
             batch_size=int(cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),

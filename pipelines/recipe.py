@@ -50,13 +50,13 @@ class FullFinetuneRecipe:
     # --- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        import ray.train
+
         self.setup_seeds()
         model = self.setup_model()
         self.tokenizer = self.setup_tokenizer()
         self.setup_engine(model)
         self.load_checkpoint()
-        import ray.train
-
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val") if self.settings.val_every else None
 
@@ -124,6 +124,8 @@ class FullFinetuneRecipe:
     # --- training ----------------------------------------------------------------------------
 
     def train(self) -> None:
+        import ray.train
+
         s = self.settings
         started = time.perf_counter()
         first_step = self.step
@@ -153,8 +155,6 @@ class FullFinetuneRecipe:
                 if self.step % s.checkpoint_every == 0 or self.step >= s.max_steps:
                     self.save_checkpoint(metrics, epoch)
                 else:
-                    import ray.train
-
                     ray.train.report(metrics)
                 waited_from = time.perf_counter()
                 if self.step >= s.max_steps:

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.io import storage
-from medsam3.plans import Plans, PlansMismatch
+from medsam3.plans import Plans
 from medsam3.ray_local import init_ray
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.recipe import train_loop_per_worker
@@ -129,10 +129,7 @@ def shards_plans(shards, manifest: dict, run: RunFolder) -> Plans:
     plans = Plans.from_dict(manifest["plans"])
     before = Plans.load(run.local)
     if before is not None:
-        try:
-            before.require_same(plans, f"run {run.uri}", f"shards {shards}")
-        except PlansMismatch as exc:
-            raise TrainError(str(exc)) from exc
+        before.require_same(plans, f"run {run.uri}", f"shards {shards}", error=TrainError)
     return plans
 
 
