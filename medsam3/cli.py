@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("input", metavar="INPUT")
     predict.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several)")
     predict.add_argument("--box", action="append", default=[],
-                         help="x0,y0,x1,y1 in input pixels for the prompt of the same position (repeatable)")
+                         help="x0,y0,x1,y1 in input pixels for the prompt of the same position (repeatable); "
+                              "with --mode propagate, x0,y0,x1,y1@z=N seeds the tracker on slice N")
+    predict.add_argument("--mode", choices=("slices", "propagate"),
+                         help="3D inputs: each slice on its own (default) or propagated with the tracker")
     predict.add_argument("--checkpoint", required=True, help="exported or released SAM3 directory")
     predict.add_argument("--out", required=True, help="output folder (replaced atomically)")
     predict.add_argument("--config", help="YAML file merged over the built-in config")
@@ -138,13 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             from pipelines.export import export_run
 
-            load_config("export", args.overrides)
-            print(f"exported to {export_run(args.run_dir, args.out_dir)}")
+            cfg = load_config("export", args.overrides)
+            print(f"exported to {export_run(args.run_dir, args.out_dir, cfg.tracker, cfg.allow_random_tracker)}")
         elif args.command == "predict":
             from medsam3.inference import inference_config
             from pipelines.predict import run_predict
 
-            cfg = inference_config(args.overrides, args.config)
+            cfg = inference_config(args.overrides + ([f"mode={args.mode}"] if args.mode else []), args.config)
             summary = run_predict(args.input, args.prompt, args.checkpoint, args.out, cfg, boxes=args.box)
             for entry in summary["prompts"]:
                 size = f"{entry['volume_ml']} ml" if "volume_ml" in entry else f"{entry['pixels']} px"

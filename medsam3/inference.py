@@ -58,23 +58,42 @@ def _flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", json.dumps(value) if isinstance(value, list | dict) else value
 
 
-def box_from_text(text: str) -> list[float]:
-    """``"x0,y0,x1,y1"`` (pixels) → four floats; ValueError naming the text when it is not a box."""
+def box_from_text(text: str) -> tuple[list[float], int | None]:
+    """``"x0,y0,x1,y1"`` (pixels), optionally ``"@z=N"`` (the slice that seeds propagation) → four
+    floats and the slice index or None; ValueError naming the text when it is not a box."""
+    text = str(text).strip()
+    coords, _, where = text.partition("@")
+    slice_index = None
+    if where:
+        key, _, value = where.partition("=")
+        if key.strip() != "z" or not value.strip().isdigit():
+            raise ValueError(f"box {text!r}: the slice is written @z=N with N a slice index")
+        slice_index = int(value)
     try:
-        box = [float(v) for v in str(text).split(",")]
+        box = [float(v) for v in coords.split(",")]
     except ValueError:
         box = []
     if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"box {text!r} is not x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-    return box
+    return box, slice_index
+
+
+@dataclass
+class PromptRequest:
+    """A request's checked prompts: ``boxes[i]`` goes with ``prompts[i]`` (plane pixels or None),
+    ``slices[i]`` is the slice its box seeds in ``propagate`` mode (None: no seed)."""
+
+    prompts: list[str]
+    boxes: list[list[float] | None]
+    slices: list[int | None]
 
 
 def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float] | None] = (),
-                   max_prompts: int | None = None) -> tuple[list[str], list[list[float] | None]]:
+                   max_prompts: int | None = None) -> PromptRequest:
     """The one check of a request's prompts and boxes (predict, serve, ``Segmenter.segment``):
     non-empty prompts, at most ``max_prompts``, at most one box per prompt and in its order
-    (``"x0,y0,x1,y1"`` text or four numbers); prompts without a box get None. ValueError names
-    the problem."""
+    (``"x0,y0,x1,y1[@z=N]"`` text or four numbers); prompts without a box get None. ValueError
+    names the problem."""
     prompts = [str(p).strip() for p in prompts]
     if not prompts or not all(prompts):
         raise ValueError("every prompt must be non-empty text, and at least one is needed")
@@ -83,9 +102,10 @@ def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float]
     boxes = list(boxes or [])
     if len(boxes) > len(prompts):
         raise ValueError(f"{len(boxes)} boxes for {len(prompts)} prompts: boxes go with prompts, in order")
-    parsed = [None if b is None else box_from_text(b if isinstance(b, str) else ",".join(map(str, b)))
+    parsed = [(None, None) if b is None else box_from_text(b if isinstance(b, str) else ",".join(map(str, b)))
               for b in boxes]
-    return prompts, parsed + [None] * (len(prompts) - len(parsed))
+    parsed += [(None, None)] * (len(prompts) - len(parsed))
+    return PromptRequest(prompts, [b for b, _ in parsed], [z for _, z in parsed])
 
 
 def select_queries(pred_logits: torch.Tensor, presence_logits: torch.Tensor, threshold: float):
@@ -247,6 +267,7 @@ class Segmenter:
         from transformers.utils import logging as hf_logging
 
         from medsam3.ops import enable_box_prompts
+        from medsam3.video import checkpoint_type, load_video_model
 
         self.cfg = cfg if cfg is not None else inference_config()
         checkpoint = check_checkpoint(checkpoint)  # local (an s3:// one is fetched into the cache)
@@ -255,8 +276,14 @@ class Segmenter:
         hf_logging.disable_progress_bar()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = Sam3Model.from_pretrained(os.fspath(checkpoint), local_files_only=True, dtype=dtype)
-        self.model.to(self.device).eval()
+        # a video checkpoint (detector + tracker) segments slices with its detector
+        self.video = None
+        if checkpoint_type(checkpoint) == "sam3_video":
+            self.video = load_video_model(checkpoint, dtype).to(self.device).eval()
+            self.model = self.video.detector_model
+        else:
+            self.model = Sam3Model.from_pretrained(os.fspath(checkpoint), local_files_only=True, dtype=dtype)
+            self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(os.fspath(checkpoint), local_files_only=True)
         self.size = model_image_size(self.model)
         self.threshold = float(self.cfg.threshold)
@@ -338,17 +365,25 @@ class Segmenter:
 
     # --- scans (predict) -------------------------------------------------------------------
 
-    def segment(self, case: Case, prompts: Sequence[str], boxes: Sequence[Sequence[float] | None] | None = None,
-                progress: bool = False) -> list[PromptResult]:
-        """Segment every prompt on a 2D image or a whole volume, ``batch_size`` slices at a time
-        (a volume streams through the model; only the masks are kept whole).
+    def segment(self, case: Case, prompts: Sequence[str], boxes: Sequence | None = None,
+                progress: bool = False, mode: str = "slices") -> list[PromptResult]:
+        """Segment every prompt on a 2D image or a whole volume.
 
-        ``boxes[i]`` goes with ``prompts[i]``: ``(x0, y0, x1, y1)`` in the plane's pixels (a 3D box
-        applies to every slice), or None.
+        ``boxes[i]`` goes with ``prompts[i]``: ``"x0,y0,x1,y1[@z=N]"`` or four numbers in the plane's
+        pixels, or None. ``mode="slices"``: each slice on its own, ``batch_size`` slices at a time (a
+        volume streams through the model; only the masks are kept whole; a box applies to every
+        slice). ``mode="propagate"`` (3D, a checkpoint with a tracker): a prompt with a box seeded
+        on slice N is tracked from there to both ends, a text-only prompt runs as detector-started
+        clips (see :mod:`medsam3.propagate`).
         """
-        prompts, boxes = prompt_request(prompts, boxes or ())
+        request = prompt_request(prompts, boxes or ())
+        if mode not in ("slices", "propagate"):
+            raise ValueError(f"mode {mode!r}: one of slices, propagate")
         intensity = self.prep.intensity(case)
-        results = self.prep.results(case, prompts, boxes, self.trained_prompts)
+        results = self.prep.results(case, request.prompts, request.boxes, self.trained_prompts)
+        if mode == "propagate" and case.is_3d:
+            self.propagate(case, request, results, intensity)
+            return results
         count, batch = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
         starts = range(0, count, batch)
         if progress:
@@ -356,10 +391,32 @@ class Segmenter:
 
             starts = tqdm(starts, total=len(starts), unit="batch", desc=f"{count} slice(s)")
         for start in starts:
-            items = self.prep.items(case, prompts, boxes, range(start, min(start + batch, count)), intensity,
-                                    instances=not case.is_3d)
+            items = self.prep.items(case, request.prompts, request.boxes, range(start, min(start + batch, count)),
+                                    intensity, instances=not case.is_3d)
             self.prep.fill(case, results, items, self.run_items(items))
         return results
+
+    def propagate(self, case: Case, request: PromptRequest, results: list[PromptResult],
+                  intensity: Intensity) -> None:
+        from medsam3.model import CheckpointError
+        from medsam3.propagate import CasePropagation, PropagationSettings
+
+        if self.video is None:
+            raise CheckpointError(f"{self.checkpoint}: an image model (model_type 'sam3') cannot propagate; export "
+                                  "the run with export.tracker=DIR or train it with train.mode=clips")
+        unseeded = [p for p, b, z in zip(request.prompts, request.boxes, request.slices, strict=True)
+                    if b is not None and z is None]
+        if unseeded:
+            raise ValueError(f"propagate mode: the box of {unseeded[0]!r} needs the slice it seeds, "
+                             "as x0,y0,x1,y1@z=N")
+        propagation = CasePropagation(self, case, intensity, PropagationSettings.from_config(self.cfg.get("propagate")))
+        seeds = {i: (b, z) for i, (b, z) in enumerate(zip(request.boxes, request.slices, strict=True))
+                 if b is not None}
+        if seeds:
+            propagation.boxes(results, seeds)
+        for i, result in enumerate(results):
+            if i not in seeds:
+                propagation.text(result)
 
 
 def _take(output, index):
@@ -377,4 +434,5 @@ def _take(output, index):
 def checkpoint_image_size(checkpoint: str | os.PathLike) -> int:
     """The model's square input side, read from a checkpoint's config.json (no weights loaded)."""
     config = json.loads((storage.local_copy(checkpoint) / "config.json").read_text())
+    config = config.get("detector_config", config)  # a video checkpoint: its detector's
     return int(config["vision_config"]["backbone_config"]["image_size"])

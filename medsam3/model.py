@@ -39,9 +39,12 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def build_model(preset_name: str | None = None, path: str | os.PathLike | None = None) -> Sam3Model:
-    """A SAM3 model from a local checkpoint directory, or with random weights from a preset."""
+    """A SAM3 model (the detector of a video checkpoint) from a local checkpoint directory, or
+    with random weights from a preset."""
     if path is not None:
-        return Sam3Model.from_pretrained(os.fspath(check_checkpoint(path)), local_files_only=True)
+        from medsam3.video import load_detector  # an image or a video checkpoint
+
+        return load_detector(path)
     spec = preset(preset_name or "tiny")
     return Sam3Model(Sam3Config(**spec["config"]))
 
@@ -64,8 +67,8 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if not config.is_file():
         raise CheckpointError(f"{folder}: no config.json; not a Hugging Face model directory")
     model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != "sam3":
-        raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}, not 'sam3'")
+    if model_type not in ("sam3", "sam3_video"):
+        raise CheckpointError(f"{folder}: config.json has model_type {model_type!r}, not 'sam3' or 'sam3_video'")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder}: no weights (*.safetensors)")
     return folder

@@ -11,6 +11,7 @@ import torch
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 VISION_TRUNK = "vision_encoder.backbone."
+DETECTOR = "detector_model."  # a video model's detector: the same groups as the image model
 
 
 def _vision_scale(name: str, depth: int, decay: float) -> float:
@@ -36,15 +37,22 @@ def _no_weight_decay(model: torch.nn.Module) -> set[str]:
 def param_groups(model: torch.nn.Module, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One group per (learning rate, weight decay, constant): heads 3e-4, geometry encoder 1e-4,
     vision trunk (layer-decayed) and neck, text encoder and projection 5e-5, the DETR encoder a
-    constant rate that the schedule leaves alone (``constant: True``)."""
-    depth = model.config.vision_config.backbone_config.num_hidden_layers
+    constant rate that the schedule leaves alone (``constant: True``). In a video model the
+    detector's parameters get the same groups and the tracker ``lr_tracker``."""
+    config = getattr(model.config, "detector_config", model.config)  # a video model: its detector's
+    depth = config.vision_config.backbone_config.num_hidden_layers
     exempt = _no_weight_decay(model)
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = full_name.removeprefix(DETECTOR)
         constant = name.startswith("detr_encoder.")
-        if name.startswith(VISION_TRUNK):
+        if name.startswith("tracker_model."):
+            lr = optim["lr_tracker"]
+        elif name.startswith("tracker_neck."):  # the tracker's neck on the shared vision trunk
+            lr = optim["lr_backbone"]
+        elif name.startswith(VISION_TRUNK):
             lr = optim["lr_backbone"] * _vision_scale(name, depth, optim["layer_decay"])
         elif name.startswith(("vision_encoder.", "text_encoder.", "text_projection.")):
             lr = optim["lr_backbone"]
@@ -54,7 +62,7 @@ def param_groups(model: torch.nn.Module, optim: Mapping[str, Any]) -> list[dict[
             lr = optim["lr_detr_encoder"]
         else:  # detr_decoder, mask_decoder (with the semantic head), dot_product_scoring
             lr = optim["lr_heads"]
-        decay = 0.0 if name in exempt else optim["weight_decay"]
+        decay = 0.0 if full_name in exempt else optim["weight_decay"]
         groups.setdefault((lr, decay, constant), []).append(param)
     return [{"params": p, "lr": lr, "weight_decay": wd, "constant": constant}
             for (lr, wd, constant), p in sorted(groups.items())]

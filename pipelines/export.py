@@ -21,14 +21,17 @@ from pipelines.settings import TrainError
 EXPORT_FILE = "medsam3_export.json"
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tracker: str | None = "auto",
+               allow_random_tracker: bool = False) -> str:
     """Consolidate the latest ZeRO-3 checkpoint of ``run_dir`` into ``out_dir`` (either may be
-    an ``s3://`` URI); the folder appears whole or not at all."""
+    an ``s3://`` URI); the folder appears whole or not at all. ``tracker`` (see
+    configs/export.yaml) makes it a video model (detector + tracker) for 3D propagation."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer
 
     from medsam3.model import build_model
     from medsam3.plans import PLANS_FILE
+    from medsam3.video import build_video_model
 
     run = RunFolder(run_dir)
     checkpoint = run.latest_checkpoint()
@@ -41,12 +44,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
                       if f.startswith(f"{storage.name(checkpoint)}/") or is_run_file(f)]
             storage.download(run.uri, local_run, wanted)
         cfg = OmegaConf.load(local_run / "train_config.yaml")
-        model = build_model(cfg.model.preset, cfg.model.path)
+        if cfg.train.get("mode", "images") == "clips":  # the detector and its trained tracker
+            model = build_video_model(cfg.model.preset, cfg.model.path)
+        else:
+            model = build_model(cfg.model.preset, cfg.model.path)
         state = get_fp32_state_dict_from_zero_checkpoint(str(local_checkpoint), tag="checkpoint")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
             raise TrainError(f"{checkpoint}: weights do not fit the model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model = with_tracker(model, cfg, tracker, allow_random_tracker)
         prompts, split = local_run / "prompts.json", local_run / SPLIT_FILE
         with storage.staged_output(out_dir, last=["model.safetensors"]) as staging:
             model.save_pretrained(staging)
@@ -59,3 +66,22 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
                  "prompts": json.loads(prompts.read_text()) if prompts.is_file() else None,
                  "split": json.loads(split.read_text()) if split.is_file() else None}, indent=1))
     return os.fspath(out_dir)
+
+
+def with_tracker(model, train_cfg, tracker: str | None, allow_random_tracker: bool):
+    """The exported model: the detector alone, or assembled with a tracker (see configs/export.yaml)."""
+    from medsam3.model import CheckpointError
+    from medsam3.video import assemble_video_model, checkpoint_type
+
+    if model.config.model_type == "sam3_video":  # a clip-trained run: its own tracker
+        return model
+    source = None if tracker in (None, "none", "null") else str(tracker)
+    if source == "auto":
+        start = train_cfg.model.path
+        source = start if start is not None and checkpoint_type(start) == "sam3_video" else None
+    if source is None and not allow_random_tracker:
+        return model
+    try:
+        return assemble_video_model(model, source, train_cfg.model.preset, allow_random_tracker)
+    except CheckpointError as exc:
+        raise TrainError(f"export.tracker: {exc}") from exc

@@ -106,7 +106,7 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
                 progress: bool = True) -> dict[str, Any]:
     """Segment one scan and write its outputs; returns the summary."""
     try:
-        prompts, parsed = prompt_request(prompts, boxes)
+        prompt_request(prompts, boxes)  # refused before the model loads
     except ValueError as exc:
         raise PredictError(f"--prompt/--box: {exc}") from exc
     try:
@@ -117,7 +117,10 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
         scan = read_scan(storage.local_copy(input_path), cfg.modality, cfg.channel, bool(cfg.allow_pickle))
     except CaseError as exc:
         raise PredictError(str(exc)) from exc
-    results = segmenter.segment(scan.case, prompts, parsed, progress=progress)
+    try:
+        results = segmenter.segment(scan.case, prompts, boxes, progress=progress, mode=str(cfg.mode))
+    except (ValueError, CheckpointError) as exc:
+        raise PredictError(f"{storage.name(input_path)}: {exc}") from exc
     with staged_output(out_dir) as staging:
         files = write_outputs(scan, results, segmenter.prep, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}

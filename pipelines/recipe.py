@@ -71,10 +71,18 @@ class FullFinetuneRecipe:
         from medsam3.ops import enable_box_prompts
 
         enable_box_prompts()
-        model = build_model(self.settings.preset, self.settings.model_path)
+        if self.settings.mode == "clips":  # the video model, with a training forward
+            from medsam3.clip_model import Sam3VideoForClipTraining
+            from medsam3.video import build_video_model
+
+            model = build_video_model(self.settings.preset, self.settings.model_path, Sam3VideoForClipTraining)
+            model.register_zero3_parameters()
+            detector = model.detector_model
+        else:
+            model = detector = build_model(self.settings.preset, self.settings.model_path)
         if self.settings.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        return model
+            enable_activation_checkpointing(detector)
+        return model.train()
 
     def setup_tokenizer(self):
         from transformers import AutoTokenizer
@@ -165,18 +173,24 @@ class FullFinetuneRecipe:
 
     def train_step(self, batch: dict[str, np.ndarray], epoch: int, data_wait: float) -> dict[str, Any]:
         from medsam3.losses import set_loss
-        from pipelines.train_data import augment_batch, collate
 
         s = self.settings
         started = time.perf_counter()
-        rows, rngs = augment_batch(batch, self.image_size, s.augment, s.seed, epoch)
-        inputs, targets = collate(rows, self.tokenizer, rngs, s.box_prompt_prob, s.box_noise,
-                                  s.box_noise_max_px, s.max_instances)
+        rows, inputs, targets, clips = self.make_batch(batch, epoch)
         augment_s = time.perf_counter() - started
         outputs = self.engine(**self.to_engine(inputs))
+        detector = outputs.detector if clips else outputs
         # non-finite outputs would already break the matching, so check them before the loss
-        finite = all(torch.isfinite(t).all() for t in (outputs.pred_logits, outputs.pred_boxes))
-        terms = set_loss(outputs, targets, s.loss) if finite else None
+        finite = all(torch.isfinite(t).all() for t in (detector.pred_logits, detector.pred_boxes))
+        terms = set_loss(detector, targets, s.loss) if finite else None
+        extra = {}
+        if terms is not None and clips:
+            from medsam3.clip_model import tracker_dice, tracker_loss
+
+            masks, valid = clips
+            tracked = tracker_loss(outputs, masks, valid, s.loss)
+            terms = terms | tracked | {"loss": terms["loss"] + sum(tracked.values())}
+            extra["tracker_dice"] = tracker_dice(outputs, masks, valid)
         if terms is None or not torch.isfinite(terms["loss"]):
             where = ", ".join(f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True))
             raise TrainError(f"non-finite loss at step {self.step + 1} on samples {where}; "
@@ -185,14 +199,36 @@ class FullFinetuneRecipe:
         self.engine.step()
         self.step += 1
         step_s = time.perf_counter() - started - augment_s
+        seconds = time.perf_counter() - started + data_wait
         return {"step": self.step, "max_steps": s.max_steps, "epoch": epoch,
                 "lr": self.scheduler.get_last_lr()[-1] if self.scheduler else 0.0,
-                "samples_per_s": s.batch_size * self.world / (time.perf_counter() - started + data_wait),
+                "samples_per_s": s.batch_size * self.world / seconds,
+                "frames_per_s": s.frames_per_batch * self.world / seconds,
                 "step_s": step_s, "data_wait_s": data_wait + augment_s,
-                "dtype": str(outputs.pred_logits.dtype).removeprefix("torch."),
-                **{k: float(v) for k, v in terms.items()},
-                "train_dice": float(np.mean(merged_dice(outputs, rows["mask"], s.threshold))),
-                "samples": self.gather_sample_ids(rows)}
+                "dtype": str(detector.pred_logits.dtype).removeprefix("torch."),
+                **{k: float(v) for k, v in terms.items()}, **extra,
+                "train_dice": float(np.mean(merged_dice(detector, rows["mask"], s.threshold))),
+                "samples": self.gather_sample_ids(batch)}
+
+    def make_batch(self, batch: dict[str, np.ndarray], epoch: int):
+        """Shard rows (or clip rows) → (augmented model rows, model inputs, detector targets, and
+        in clip mode the tracker's (masks, valid frames); else None)."""
+        from pipelines.train_data import augment_batch, collate
+
+        s = self.settings
+        if s.mode == "clips":
+            from pipelines.clip_data import augment_clips, collate_clips
+
+            rows, frame_rngs, clip_rngs, valid = augment_clips(batch, self.image_size, s.augment, s.seed, epoch,
+                                                               s.clip_length)
+            inputs, targets, masks, valid = collate_clips(rows, self.tokenizer, frame_rngs, clip_rngs, valid,
+                                                          s.box_prompt_prob, s.box_noise, s.box_noise_max_px,
+                                                          s.max_instances)
+            return rows, inputs, targets, (masks, valid)
+        rows, rngs = augment_batch(batch, self.image_size, s.augment, s.seed, epoch)
+        inputs, targets = collate(rows, self.tokenizer, rngs, s.box_prompt_prob, s.box_noise,
+                                  s.box_noise_max_px, s.max_instances)
+        return rows, inputs, targets, None
 
     def validate(self) -> tuple[float, int]:
         """Mean Dice over the validation samples of every rank (their sums are all-reduced), text
@@ -220,7 +256,8 @@ class FullFinetuneRecipe:
         return (float(sums[0] / sums[1]) if sums[1] else float("nan")), int(sums[1])
 
     def gather_sample_ids(self, rows: dict[str, np.ndarray]) -> list[str]:
-        """Every rank's ``case_id#slice_index`` of this step, in rank order (for the log)."""
+        """Every rank's ``case_id#slice_index`` of this step (a clip's first slice), in rank order
+        (for the log)."""
         import torch.distributed as dist
 
         mine = [f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True)]

@@ -16,6 +16,7 @@ from medsam3.errors import StageError
 from pipelines.train_data import Augmentation
 
 PRECISIONS = ("auto", "fp32", "bf16")
+MODES = ("images", "clips")
 
 
 class TrainError(StageError):
@@ -24,6 +25,8 @@ class TrainError(StageError):
 
 @dataclass(frozen=True)
 class TrainSettings:
+    mode: str  # images | clips
+    clip_length: int
     preset: str | None
     model_path: str | None
     bpe_path: str | None
@@ -66,7 +69,11 @@ class TrainSettings:
             augment = Augmentation.from_config(t)
         except ValueError as exc:
             raise TrainError(str(exc)) from exc
+        mode = str(t.mode)
+        if mode not in MODES:
+            raise TrainError(f"train.mode={mode!r}: expected one of {', '.join(MODES)}")
         settings = cls(
+            mode=mode, clip_length=int(t.clip_length),
             preset=cfg.model.preset, model_path=cfg.model.path, bpe_path=cfg.model.bpe_path,
             num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), precision=resolved,
             cpus_per_worker=float(t.cpus_per_worker), activation_checkpointing=bool(t.activation_checkpointing),
@@ -101,6 +108,8 @@ class TrainSettings:
             raise TrainError(f"train.val_fraction={self.val_fraction}: expected 0 <= fraction < 1")
         if not 0 <= self.box_prompt_prob <= 1:
             raise TrainError(f"train.box_prompt_prob={self.box_prompt_prob}: expected a probability")
+        if self.mode == "clips" and self.clip_length < 1:
+            raise TrainError(f"train.clip_length={self.clip_length}: must be positive")
         if self.model_path is None and self.preset is None:
             raise TrainError("model.preset and model.path are both null: name a preset or a checkpoint folder")
 
@@ -116,6 +125,11 @@ class TrainSettings:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+
+    @property
+    def frames_per_batch(self) -> int:
+        """Images per worker and step: the batch's samples, or its clips' frames."""
+        return self.batch_size * (self.clip_length if self.mode == "clips" else 1)
 
     @property
     def cpus_needed(self) -> float:

@@ -33,6 +33,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.clip_data import CLIP_KEYS, make_clips
     from pipelines.train_data import eval_transform, swap_sides
 
     settings = TrainSettings.from_config(cfg)  # bad settings stop here, before any worker starts
@@ -57,6 +58,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
              "val": [f"{d}/{c}" for d, c in cases if in_validation(d, c, fraction, seed)],
              "train": [f"{d}/{c}" for d, c in cases if not in_validation(d, c, fraction, seed)]}
     steps_per_epoch = _steps_per_epoch(shards, settings)
+    clips = settings.mode == "clips"
     # Files in a seeded order mix datasets and cases along the stream; each epoch then shuffles
     # it further in the workers' seeded buffers. The order is the same in every run with this seed.
     files = shard_files(shards)
@@ -66,10 +68,14 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     rows = ray.data.read_parquet(paths, filesystem=filesystem)
     # augmentation runs in the workers (pipelines/train_data.py says why)
     datasets = {"train": rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))}
+    if settings.mode == "clips":  # one row per clip of consecutive slices (pipelines/clip_data.py)
+        datasets["train"] = datasets["train"].groupby(list(CLIP_KEYS)).map_groups(
+            make_clips, fn_kwargs={"length": settings.clip_length}, batch_format="numpy")
     if settings.val_every:
         val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
-    decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20  # RGB image + mask
+    # RGB image + mask per row (a clip holds clip_length of them, padding included)
+    decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20 * (settings.clip_length if clips else 1)
     if decoded_mb <= settings.cache_max_mb:  # small shards: read once, not again every epoch
         datasets = {name: data.materialize() for name, data in datasets.items()}
     OmegaConf.save(cfg, run.local / "train_config.yaml")
@@ -166,14 +172,22 @@ def _cases(shards) -> list[tuple[str, str]]:
 
 
 def _steps_per_epoch(shards, settings: TrainSettings) -> int:
-    """Ray Train splits each epoch equally: every worker gets ⌊rows / workers⌋ rows."""
-    table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id"])
+    """Ray Train splits each epoch equally: every worker gets ⌊samples / workers⌋ samples (rows,
+    or clips in clip mode)."""
+    from pipelines.clip_data import count_clips
+
+    table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id", "prompt", "slice_index"])
     fraction, seed = settings.val_fraction, settings.seed
-    rows = sum(not in_validation(d, c, fraction, seed)
-               for d, c in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
-    steps = rows // settings.num_workers // settings.batch_size
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for d, c, p, k in zip(*(table.column(i).to_pylist() for i in range(4)), strict=True):
+        if not in_validation(d, c, fraction, seed):
+            groups.setdefault((d, c, p), []).append(k)
+    samples = count_clips(groups, settings.clip_length) if settings.mode == "clips" else \
+        sum(len(v) for v in groups.values())
+    steps = samples // settings.num_workers // settings.batch_size
     if steps == 0:
-        raise TrainError(f"{rows} training row(s) cannot give each of {settings.num_workers} worker(s) "
+        kind = "clip" if settings.mode == "clips" else "row"
+        raise TrainError(f"{samples} training {kind}(s) cannot give each of {settings.num_workers} worker(s) "
                          f"a batch of {settings.batch_size}")
     return steps
 
