@@ -216,9 +216,11 @@ class Preprocessor:
         return display_slice(case.image, self.axis, index) if case.is_3d else case.image
 
     def items(self, case: Case, prompts: Sequence[str], boxes: Sequence, indices: Sequence[int],
-              intensity: Intensity, instances: bool = False) -> list[SliceItem]:
+              intensity: Intensity, instances: bool = False,
+              slices: Sequence[int | None] | None = None) -> list[SliceItem]:
         """Every (slice, prompt) item of the given slices; ``boxes[i]`` is prompt i's
-        ``(x0, y0, x1, y1)`` in the plane's pixels or None (a 3D box applies to every slice)."""
+        ``(x0, y0, x1, y1)`` in the plane's pixels or None. A 3D box applies to every slice, or
+        only to slice ``slices[i]`` when given (the text alone prompts the others)."""
         planes = {k: self.plane(case, k) for k in indices}
         height, width = next(iter(planes.values())).shape[:2]
         new_h, new_w = resized_shape(height, width, self.square)
@@ -230,9 +232,11 @@ class Preprocessor:
                 square = square if self.model_size is None else resize_square(square, self.model_size)
                 squares[(k, window)] = (square, square_digest(square))
         items = []
+        slices = slices or [None] * len(prompts)
         for k in indices:
             for i, (prompt, box) in enumerate(zip(prompts, boxes, strict=True)):
                 square, key = squares[(k, self.window(prompt, case.modality))]
+                box = box if slices[i] is None or slices[i] == k else None
                 items.append(SliceItem(square, key, prompt, None if box is None else np.asarray(box) * scale,
                                        (height, width), (new_h / self.square, new_w / self.square), k, i,
                                        instances))
@@ -372,9 +376,9 @@ class Segmenter:
         ``boxes[i]`` goes with ``prompts[i]``: ``"x0,y0,x1,y1[@z=N]"`` or four numbers in the plane's
         pixels, or None. ``mode="slices"``: each slice on its own, ``batch_size`` slices at a time (a
         volume streams through the model; only the masks are kept whole; a box applies to every
-        slice). ``mode="propagate"`` (3D, a checkpoint with a tracker): a prompt with a box seeded
-        on slice N is tracked from there to both ends, a text-only prompt runs as detector-started
-        clips (see :mod:`medsam3.propagate`).
+        slice, or with ``@z=N`` to slice N only). ``mode="propagate"`` (3D, a checkpoint with a
+        tracker): a prompt with a box seeded on slice N is tracked from there to both ends, a
+        text-only prompt runs as detector-started clips (see :mod:`medsam3.propagate`).
         """
         request = prompt_request(prompts, boxes or ())
         if mode not in ("slices", "propagate"):
@@ -392,7 +396,7 @@ class Segmenter:
             starts = tqdm(starts, total=len(starts), unit="batch", desc=f"{count} slice(s)")
         for start in starts:
             items = self.prep.items(case, request.prompts, request.boxes, range(start, min(start + batch, count)),
-                                    intensity, instances=not case.is_3d)
+                                    intensity, instances=not case.is_3d, slices=request.slices)
             self.prep.fill(case, results, items, self.run_items(items))
         return results
 

@@ -157,6 +157,11 @@ def volume_source(scans: str, manifest: dict, volumes: set[tuple[str, str]], pre
 
 # --- actors ----------------------------------------------------------------------------------
 
+SLICE_MODES = ("text", "text+box")  # each slice on its own
+VOLUME_MODES = ("propagate", "propagate+box")  # 3D cases as videos for the tracker
+ROW_KEYS = ("dataset", "modality", "label", "prompt", "case_id", "slice_index", "spacing", "orig_size")
+
+
 class Predictor:
     """A Ray Data actor: one Segmenter; shard rows in, predicted masks (packed bits) out."""
 
@@ -168,17 +173,13 @@ class Predictor:
         torch.set_num_threads(max(1, threads))
         storage.configure(cfg.get("storage"))
         self.segmenter = Segmenter(checkpoint, OmegaConf.create(cfg))
-        self.modes = list(cfg["modes"])
+        self.modes = [m for m in cfg["modes"] if m in SLICE_MODES]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = decode_batch(batch)
         images = np.stack(rows["image"])
         side = images.shape[1]
-        out: dict[str, list] = {k: [] for k in ("mode", "pred", "score")}
-        keep = ("dataset", "modality", "label", "prompt", "case_id", "slice_index", "spacing", "orig_size")
-        for key in keep:
-            out[key] = []
-        out["gt"] = []
+        out: dict[str, list] = {k: [] for k in ("mode", "pred", "score", "gt", *ROW_KEYS)}
         for mode in self.modes:
             boxes = None
             if mode == "text+box":
@@ -190,14 +191,79 @@ class Predictor:
                 out["pred"].append(np.packbits(mask).tobytes())
                 out["gt"].append(np.packbits(rows["mask"][i] > 0).tobytes())
                 out["score"].append(float(scores[i]))
-                for key in keep:
+                for key in ROW_KEYS:
                     out[key].append(batch[key][i])
-        # fixed dtypes: rows read from the shards and rows cut from a scan again (``scans``) must
-        # give blocks of one schema, or Ray Data cannot group them together
-        typed = {"spacing": np.float64, "orig_size": np.int64, "slice_index": np.int64, "score": np.float64}
-        return {k: np.array(v, dtype=object) if k in ("pred", "gt") else
-                np.stack([np.asarray(x, typed[k]) for x in v]) if k in ("spacing", "orig_size") and v else
-                np.array(v, dtype=typed.get(k)) for k, v in out.items()}
+        return typed_rows(out)
+
+
+class VolumePredictor:
+    """A Ray Data actor for the propagation modes: one (dataset, case, prompt) group of 3D rows
+    in slice order is a video for the checkpoint's tracker (medsam3.propagate) → the same rows as
+    :class:`Predictor`, scored (one metrics row per mode). ``propagate``: text-started clips;
+    ``propagate+box``: the tracker seeded with the ground-truth box of the slice where the
+    structure is largest (MedSAM2's key slice)."""
+
+    def __init__(self, checkpoint: str, cfg: dict, threads: int):
+        import torch
+
+        from medsam3.inference import Segmenter
+        from medsam3.propagate import PropagationSettings, VolumePropagator
+
+        torch.set_num_threads(max(1, threads))
+        storage.configure(cfg.get("storage"))
+        segmenter = Segmenter(checkpoint, OmegaConf.create(cfg))
+        if segmenter.video is None:
+            raise EvaluateError(f"{checkpoint}: an image model has no tracker for modes "
+                                f"{[m for m in cfg['modes'] if m in VOLUME_MODES]}; export it with a tracker")
+        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer,
+                                           PropagationSettings.from_config(cfg.get("propagate")))
+        self.modes = [m for m in cfg["modes"] if m in VOLUME_MODES]
+        self.threshold = PropagationSettings.from_config(cfg.get("propagate")).mask_threshold
+        self.tolerance_mm = float(cfg["tolerance_mm"])
+
+    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch.nn.functional as F
+
+        from medsam3.propagate import square_frames
+
+        order = np.argsort(group["slice_index"])
+        batch = {k: v[order] for k, v in group.items()}
+        rows = decode_batch(batch)
+        images, side, depth = rows["image"], rows["image"].shape[1], len(order)
+        frames = square_frames(lambda k: images[k], self.propagator.size)
+        out: dict[str, list] = {k: [] for k in ("mode", "pred", "score", "gt", *ROW_KEYS)}
+        areas = rows["mask"].reshape(depth, -1).sum(1)
+        for mode in self.modes:
+            if mode == "propagate+box" and areas.any():
+                z = int(np.argmax(areas))
+                box = [float(v) * self.propagator.size / side for v in batch["box"][z]]
+                answers = ((k, *found[0]) for k, found in self.propagator.boxes(frames(range(depth)), [box], z))
+            else:  # text only (and a structure absent from every slice has no box to give)
+                answers = self.propagator.text(frames, depth, str(batch["prompt"][0]))
+            for k, prob, score in sorted(answers, key=lambda a: a[0]):
+                grid = F.interpolate(prob[None, None].float(), size=(side, side), mode="bilinear",
+                                     align_corners=False)[0, 0] > self.threshold
+                mask = grid.cpu().numpy()
+                out["mode"].append(mode)
+                out["pred"].append(np.packbits(mask).tobytes())
+                out["gt"].append(np.packbits(rows["mask"][k] > 0).tobytes())
+                out["score"].append(float(score) if mask.any() else 0.0)
+                for key in ROW_KEYS:
+                    out[key].append(batch[key][k])
+        # scored here, per mode: the group is the whole (case, label) already
+        rows = typed_rows(out)
+        scored = [case_metrics({k: v[rows["mode"] == mode] for k, v in rows.items()}, side, self.tolerance_mm)
+                  for mode in self.modes]
+        return {k: np.array([row[k] for row in scored]) for k in scored[0]}
+
+
+def typed_rows(out: dict[str, list]) -> dict[str, np.ndarray]:
+    """Predicted rows with fixed dtypes: rows read from the shards and rows cut from a scan again
+    (``scans``), of every mode, must give blocks of one schema, or Ray Data cannot group them."""
+    typed = {"spacing": np.float64, "orig_size": np.int64, "slice_index": np.int64, "score": np.float64}
+    return {k: np.array(v, dtype=object) if k in ("pred", "gt") else
+            np.stack([np.asarray(x, typed[k]) for x in v]) if k in ("spacing", "orig_size") and v else
+            np.array(v, dtype=typed.get(k)) for k, v in out.items()}
 
 
 def case_metrics(group: dict[str, np.ndarray], side: int, tolerance_mm: float) -> dict[str, Any]:
@@ -240,9 +306,10 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     import ray
 
     found = parse_checkpoints(checkpoints)
-    unknown = set(cfg.modes) - {"text", "text+box"}
+    unknown = set(cfg.modes) - {*SLICE_MODES, *VOLUME_MODES}
     if unknown or not cfg.modes:
-        raise EvaluateError(f"modes must be a non-empty subset of [text, text+box], got {list(cfg.modes)}")
+        raise EvaluateError(f"modes must be a non-empty subset of {[*SLICE_MODES, *VOLUME_MODES]}, "
+                            f"got {list(cfg.modes)}")
     try:
         manifest = validate_shards(shards)
     except ValueError as exc:
@@ -276,15 +343,22 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     if volumes:
         whole = volume_source(scans, manifest, volumes, cfg.prepare)
         source = whole if source is None else source.union(whole)
+    actor = {"compute": ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
+             "num_cpus": float(cfg.cpus_per_actor), "num_gpus": 1 if cfg.use_gpu else 0}
     for name, folder in found.items():
-        rows = source.map_batches(
-            Predictor, fn_constructor_kwargs={"checkpoint": folder, "cfg": plain,
-                                              "threads": int(cfg.cpus_per_actor)},
-            batch_size=int(cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
-            num_cpus=float(cfg.cpus_per_actor), num_gpus=1 if cfg.use_gpu else 0)
-        per_case = rows.groupby(["mode", "dataset", "case_id", "label"]).map_groups(
-            _metrics_batch, fn_kwargs={"side": side, "tolerance_mm": float(cfg.tolerance_mm)}, batch_format="numpy")
-        frame = per_case.to_pandas()
+        kwargs = {"checkpoint": folder, "cfg": plain, "threads": int(cfg.cpus_per_actor)}
+        parts = []
+        if set(cfg.modes) & set(SLICE_MODES):
+            rows = source.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_size=int(cfg.batch_size),
+                                      **actor)
+            parts.append(rows.groupby(["mode", "dataset", "case_id", "label"]).map_groups(
+                _metrics_batch, fn_kwargs={"side": side, "tolerance_mm": float(cfg.tolerance_mm)},
+                batch_format="numpy").to_pandas())
+        if set(cfg.modes) & set(VOLUME_MODES):  # 3D cases only: a 2D image is no video
+            parts.append(source.filter(lambda r: r["slice_index"] >= 0).groupby(["dataset", "case_id", "prompt"])
+                         .map_groups(VolumePredictor, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor)
+                         .to_pandas())
+        frame = pd.concat(parts, ignore_index=True)
         frame.insert(0, "checkpoint", name)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True).sort_values(KEYS).reset_index(drop=True)

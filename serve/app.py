@@ -93,6 +93,12 @@ class SegmentModel:
                 answers[i] = answer
         return answers
 
+    async def propagate(self, model_id: str, case, prompts: list[str], boxes: list[str | None]) -> list:
+        """A whole volume propagated with the checkpoint's tracker (not batched: a volume is one
+        sequential video), off the event loop."""
+        segmenter = await self.get_segmenter(model_id)
+        return await asyncio.to_thread(segmenter.segment, case, prompts, boxes, False, "propagate")
+
     def check_health(self) -> None:
         """Serve replaces a replica whose model calls keep failing (e.g. a broken GPU)."""
         if self.failures >= 3:
@@ -113,6 +119,7 @@ class SegmentAPI:
     def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any]):
         from medsam3.inference import Preprocessor, checkpoint_image_size, trained_prompts
         from medsam3.plans import checkpoint_plans
+        from medsam3.video import checkpoint_type
 
         self.model = model
         self.checkpoints = checkpoints
@@ -126,6 +133,7 @@ class SegmentAPI:
         self.preps = {name: Preprocessor(checkpoint_plans(path, self.cfg.prepare), size)
                       for name, path in checkpoints.items()}
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
+        self.trackers = {name: checkpoint_type(path) == "sam3_video" for name, path in checkpoints.items()}
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
             logger.warning("MedSAM3 endpoint: authentication is OFF, anyone who can reach it may send scans to "
@@ -157,7 +165,8 @@ class SegmentAPI:
     @api.get("/v1/models")
     def models(self) -> dict:
         return {"default": self.default, "models": [
-            {"id": name, "checkpoint": Path(path).name, "trained_prompts": sorted(self.trained[name] or [])}
+            {"id": name, "checkpoint": Path(path).name, "trained_prompts": sorted(self.trained[name] or []),
+             "modes": ["slices", "propagate"] if self.trackers[name] else ["slices"]}
             for name, path in self.checkpoints.items()]}
 
     @api.post("/v1/segment")
@@ -167,7 +176,10 @@ class SegmentAPI:
         file: Annotated[UploadFile, File(description="PNG/JPEG, NIfTI (.nii/.nii.gz), NPZ, or a zip of one "
                                                      "DICOM series")],
         prompt: Annotated[list[str], Form(description="text prompt; repeat the field for several")],
-        box: Annotated[list[str] | None, Form(description="x0,y0,x1,y1 in input pixels, in prompt order")] = None,
+        box: Annotated[list[str] | None, Form(description="x0,y0,x1,y1 in input pixels, in prompt order; "
+                                                          "x0,y0,x1,y1@z=N: on slice N (propagate: its seed)")] = None,
+        mode: Annotated[str, Form(description="volumes: slices (each on its own) or propagate (the "
+                                              "checkpoint's tracker; see /v1/models)")] = "slices",
         format: Annotated[str | None, Form(description="json (default), nifti, dicom-seg or png")] = None,
         model: Annotated[str | None, Form(description="checkpoint id (or the serve_multiplexed_model_id "
                                                       "header)")] = None,
@@ -176,11 +188,12 @@ class SegmentAPI:
                                                   convert_underscores=False)] = None,
     ) -> Response:
         try:
-            return await self._segment(request, file, prompt, box or [], format, model or multiplexed, preview)
+            return await self._segment(request, file, prompt, box or [], format, model or multiplexed, preview,
+                                       mode)
         except UploadError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview) -> Response:
+    async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview, mode) -> Response:
         from medsam3.inference import prompt_request
         from medsam3.io.case import CaseError
         from medsam3.io.scan import declared_shape, read_scan
@@ -192,9 +205,18 @@ class SegmentAPI:
         if fmt not in FORMATS:
             raise UploadError(422, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
         try:
-            prompts, parsed = prompt_request(prompts, boxes, self.max_prompts)
+            checked = prompt_request(prompts, boxes, self.max_prompts)
         except ValueError as exc:
             raise UploadError(422, str(exc)) from exc
+        if mode not in ("slices", "propagate"):
+            raise UploadError(422, f"mode {mode!r} is not one of slices, propagate")
+        if mode == "propagate" and not self.trackers[model_id]:
+            raise UploadError(422, f"model {model_id!r} has no tracker (an image model): mode propagate needs a "
+                                   "video checkpoint; see /v1/models")
+        unseeded = [p for p, b, z in zip(checked.prompts, checked.boxes, checked.slices, strict=True)
+                    if b is not None and z is None]
+        if mode == "propagate" and unseeded:
+            raise UploadError(422, f"mode propagate: the box of {unseeded[0]!r} needs its slice, as x0,y0,x1,y1@z=N")
         # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
             path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
@@ -202,10 +224,13 @@ class SegmentAPI:
                 raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
             try:
                 voxels = self._check_size(await asyncio.to_thread(declared_shape, path))
-                async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + len(prompts))):
+                async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + len(checked.prompts))):
                     scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
                     self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
-                    results = await self._run(scan.case, prompts, parsed, model_id)
+                    if mode == "propagate" and scan.is_3d:
+                        results = await self._propagate(scan.case, checked, boxes, model_id)
+                    else:
+                        results = await self._run(scan.case, checked, model_id)
                     return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private),
                                                    model_id)
             except CaseError as exc:
@@ -219,15 +244,24 @@ class SegmentAPI:
                                    f"(side ≤ {self.max_side}, voxels ≤ {self.max_voxels})")
         return voxels
 
-    async def _run(self, case, prompts, boxes, model_id):
+    async def _propagate(self, case, checked, boxes, model_id):
+        depth = self.preps[model_id].num_slices(case)
+        outside = [z for z in checked.slices if z is not None and z >= depth]
+        if outside:
+            raise UploadError(422, f"box slice z={outside[0]} is outside the volume's {depth} slices")
+        handle = self.model.options(multiplexed_model_id=model_id)
+        return await handle.propagate.remote(model_id, case, checked.prompts, list(boxes))
+
+    async def _run(self, case, checked, model_id):
         prep = self.preps[model_id]
         intensity = prep.intensity(case)
-        results = prep.results(case, prompts, boxes, self.trained[model_id])
+        results = prep.results(case, checked.prompts, checked.boxes, self.trained[model_id])
         handle = self.model.options(multiplexed_model_id=model_id)
         count, chunk = prep.num_slices(case), max(1, int(self.cfg.batch_size))
         for start in range(0, count, chunk):  # a volume streams through in chunks of slices
-            items = await asyncio.to_thread(prep.items, case, prompts, boxes,
-                                            range(start, min(start + chunk, count)), intensity)
+            items = await asyncio.to_thread(prep.items, case, checked.prompts, checked.boxes,
+                                            range(start, min(start + chunk, count)), intensity, False,
+                                            checked.slices)
             answers = await asyncio.gather(*[handle.run.remote(model_id, item) for item in items])
             prep.fill(case, results, items, answers)
         return results
