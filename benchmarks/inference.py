@@ -5,7 +5,11 @@ Prints, measured in one run on this machine:
     200) with batches of 8 slices vs one slice at a time, tiny SAM3 (target ≥ 2× on CPU);
 (b) ``evaluate`` throughput (prompted slices/s, text and text+box) with 2 Ray Data actors vs 1,
     one CPU each;
-(c) on a GPU machine: slices/s of the full-size ``sam3`` preset in bf16 at 1008².
+(c) on a GPU machine: slices/s of the full-size ``sam3`` preset in bf16 at 1008²;
+(d) 3D: slices/s of ``propagate`` (a box seeded on the middle slice and tracked to both ends;
+    text-started clips) against ``slices`` on the same 512×512×600 volume, with the tiny video
+    model, and each run's peak RSS (a fresh process per run, so each peak is its own).
+    ``--only-3d`` runs (d) alone.
 Each ratio is the median over interleaved repeats, since these machines are noisy.
 """
 
@@ -77,12 +81,75 @@ def evaluate_rate(shards: Path, checkpoint: Path, actors: int, out: Path) -> flo
     return rows * len(cfg.modes) / (time.perf_counter() - started)
 
 
+def video_checkpoint(folder: Path) -> Path:
+    """The tiny video model (random detector and tracker): a tracker's cost does not depend on
+    its weights, but a random detector finds nothing, so its detection thresholds are lowered
+    to make text-started clips track objects (up to its 4 queries per clip: an upper bound)."""
+    import json
+
+    import torch
+
+    from medsam3.model import build_model
+    from medsam3.video import assemble_video_model
+
+    torch.manual_seed(0)
+    tiny_checkpoint(folder, "tiny_video")
+    video = assemble_video_model(build_model("tiny_video"), None, "tiny_video", allow_random_tracker=True)
+    video.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(score_threshold_detection=0.0, new_det_thresh=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, queue) -> None:
+    """A child process: one ``segment`` call on the volume → (slices/s, peak RSS in MB)."""
+    import resource
+
+    model = segmenter(Path(checkpoint), 8)
+    case = ct_volume(depth)
+    started = time.perf_counter()
+    model.segment(case, ["lesion"], [box] if box else None, mode=mode)
+    queue.put((depth / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def propagation_table(depth: int, repeats: int) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(video_checkpoint(Path(tmp) / "video"))
+        runs = {"slices (text)": ("slices", None),
+                "propagate, box on the middle slice": ("propagate", f"200,200,300,300@z={depth // 2}"),
+                "propagate, text clips (8 slices, overlap 4, both directions)": ("propagate", None)}
+        found: dict[str, list] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, (mode, box) in runs.items():
+                queue = context.Queue()
+                child = context.Process(target=_timed_run, args=(checkpoint, depth, mode, box, queue))
+                child.start()
+                found[name].append(queue.get())
+                child.join()
+        base = statistics.median(r for r, _ in found["slices (text)"])
+        print(f"\n(d) 3D on a 512x512x{depth} CT volume (volume alone: {512 * 512 * depth * 2 / 2**20:.0f} MB int16), "
+              "tiny video model, CPU:")
+        for name, results in found.items():
+            rate = statistics.median(r for r, _ in results)
+            peak = max(m for _, m in results)
+            print(f"    {name:62s} {rate:6.1f} slices/s  ({rate / base:.2f}x slices)  peak RSS {peak:5.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--copies", type=int, default=8, help="copies of the 4 lesion volumes for (b)")
+    parser.add_argument("--depth-3d", type=int, default=600, help="slices of the volume for (d)")
+    parser.add_argument("--only-3d", action="store_true", help="run (d) only")
     args = parser.parse_args()
+    if args.only_3d:
+        propagation_table(args.depth_3d, args.repeats)
+        return
 
     import ray
     import torch
@@ -135,6 +202,7 @@ def main() -> None:
             print(f"\n(c) sam3 preset, bf16, {torch.cuda.get_device_name()}: {rate:.1f} slices/s at 1008²")
         else:
             print("\n(c) no GPU here: the sam3 preset's bf16 slices/s is measured on a GPU machine")
+    propagation_table(args.depth_3d, args.repeats)
 
 
 if __name__ == "__main__":

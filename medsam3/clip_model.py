@@ -8,9 +8,10 @@ gradients, teacher-forced as SAM2 trains it:
 
 1. the shared vision backbone runs once over every frame of the batch;
 2. the detector (``Sam3Model``) is prompted with the clip's text on every frame (the image loss);
-3. per clip, the tracker is seeded on the first slice that shows the structure with its
-   ground-truth box (a clip that never shows it is seeded with no prompt and taught "absent"),
-   then tracks to the clip's end and back to its start: ``_prepare_memory_conditioned_features``
+3. per clip, the tracker is seeded with the ground-truth box of a slice that shows the structure
+   (drawn per sample, so both directions train; a clip that never shows it is seeded on its
+   first slice with no prompt and taught "absent"), then tracks to the clip's end and back to
+   its start: ``_prepare_memory_conditioned_features``
    (memory attention over the previous frames' memories and object pointers),
    ``_single_frame_forward`` (prompt encoder + SAM mask decoder), ``_encode_new_memory`` (memory
    encoder on the predicted mask, soft as in training), stored in a

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,31 +66,22 @@ def load_detector(path: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     return Sam3Model.from_pretrained(os.fspath(check_checkpoint(path)), local_files_only=True, dtype=dtype)
 
 
-def _safetensor_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-    return sorted(folder.glob("*.safetensors"))
-
-
 def tracker_state(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tracker's tensors (``tracker_model.*``, ``tracker_neck.*``) of a SAM3 video checkpoint,
-    read without loading the detector, and its tracker config."""
-    from safetensors import safe_open
-
+    """The tracker's tensors (``tracker_model.*``, ``tracker_neck.*``) of a SAM3 video checkpoint
+    and its config. Loaded through ``from_pretrained``: transformers renames this model's keys
+    between the file and the module (the file holds ``tracker_model.tracker_model.*``)."""
     folder = check_checkpoint(folder)
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "sam3_video" or "tracker_config" not in config:
         raise CheckpointError(f"{folder}: not a SAM3 video checkpoint (model_type {config.get('model_type')!r}); "
                               "tracker weights come from a folder with model_type 'sam3_video'")
-    state = {}
-    for file in _safetensor_files(folder):
-        with safe_open(os.fspath(file), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                if key.startswith(TRACKER_PREFIXES):
-                    state[key] = f.get_tensor(key)
-    if not state:
-        raise CheckpointError(f"{folder}: no tracker_model.* tensors in its weights")
+    source, info = Sam3VideoModel.from_pretrained(os.fspath(folder), local_files_only=True,
+                                                  output_loading_info=True)
+    unloaded = [k for k in info["missing_keys"] if k.startswith(TRACKER_PREFIXES)]
+    if unloaded or info["mismatched_keys"]:
+        raise CheckpointError(f"{folder}: its tracker is incomplete: {len(unloaded)} tensor(s) missing from the "
+                              f"file (e.g. {unloaded[:3]}), {len(info['mismatched_keys'])} of another shape")
+    state = {k: v for k, v in source.state_dict().items() if k.startswith(TRACKER_PREFIXES)}
     return state, config
 
 

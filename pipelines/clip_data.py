@@ -105,9 +105,9 @@ def collate_clips(rows: Mapping[str, np.ndarray], tokenizer, frame_rngs, clip_rn
     seeds, boxes = np.full(clips, -1), np.zeros((clips, 4))
     for c in range(clips):
         shown = [k for k in range(length) if valid[c, k] and masks[c, k].any()]
-        if shown:  # the first slice that shows the structure seeds the tracker
-            seeds[c] = shown[0]
-            boxes[c] = seed_box(masks[c, shown[0]], clip_rngs[c], box_noise, box_noise_max_px)
+        if shown:  # a slice that shows the structure seeds the tracker, drawn: both directions train
+            seeds[c] = shown[clip_rngs[c].integers(len(shown))]
+            boxes[c] = seed_box(masks[c, seeds[c]], clip_rngs[c], box_noise, box_noise_max_px)
     inputs["seed_frames"] = torch.from_numpy(seeds)
     inputs["seed_boxes"] = torch.from_numpy(boxes).float()
     return inputs, targets, torch.from_numpy(masks > 0), torch.from_numpy(valid)

@@ -85,6 +85,8 @@ def progress_line(m: dict[str, Any]) -> str:
     """``step 12/80 (15%)  loss 3.41  dice 0.52  val 0.48  lr 1.0e-03  2.1 samples/s  ETA 4m05s``."""
     line = f"step {m['step']}/{m['max_steps']} ({100 * m['step'] // m['max_steps']}%)  loss {m['loss']:.4g}"
     line += f"  dice {m['train_dice']:.3f}"
+    if "tracker_dice" in m:  # clip mode: the tracker's masks through the clip
+        line += f"  tracker {m['tracker_dice']:.3f}"
     if "val_dice" in m:
         line += f"  val {m['val_dice']:.3f} ({m['val_samples']} samples)"
     eta = m.get("eta_s")

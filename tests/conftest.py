@@ -80,3 +80,47 @@ def s3_endpoint():
     fs.mkdir("medsam3-test")
     yield url
     server.stop()
+
+
+# One real CT lesion volume (7 slices show the lesion) for clip training and propagation.
+LESION_CASE = "CT_Lesion_000009_03_01_036-048.npz"
+# Overfitting two clips: no augmentation, no detector box prompts, constant high learning rates.
+OVERFIT = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
+           "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.cooldown_steps=0",
+           "optim.lr_timescale=1000", "optim.lr_heads=1e-3", "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3",
+           "optim.lr_detr_encoder=1e-3", "optim.lr_tracker=1e-3"]
+CLIPS = ["model.preset=tiny_video", "train.mode=clips", "train.clip_length=4", "train.batch_size=1",
+         "train.val_every=0", "train.val_fraction=0"]
+
+
+@pytest.fixture(scope="session")
+def lesion_shards(tmp_path_factory):
+    """`prepare` of the lesion volume at 224² (the tiny video model's input), lesion slices only:
+    two clips of 4 consecutive slices (3-6 and 6-9)."""
+    import shutil
+
+    from medsam3.config import load_config
+    from preprocessing.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("lesion")
+    (root / "scans").mkdir()
+    shutil.copy(RECIST / LESION_CASE, root / "scans")
+    run_prepare(root / "scans", root / "shards", load_config("prepare", ["image_size=224", "modality=CT",
+                                                                          "empty_fraction=0"]))
+    return root
+
+
+@pytest.fixture(scope="session")
+def clip_trained(ray_local, lesion_shards):
+    """A 2-worker ZeRO-3 clip run (detector + tracker) overfitting the lesion's clips, exported
+    as a video checkpoint: (run folder, export folder, scans folder, shards folder)."""
+    from medsam3.config import load_config
+    from pipelines.export import export_run
+    from pipelines.train import run_train
+
+    run_dir = lesion_shards / "run"
+    result = run_train(lesion_shards / "shards", run_dir,
+                       load_config("train", [*CLIPS, *OVERFIT, "train.max_steps=100", "train.checkpoint_every=50"]))
+    assert result.error is None
+    export_run(run_dir, lesion_shards / "model")
+    return run_dir, lesion_shards / "model", lesion_shards / "scans", lesion_shards / "shards"

@@ -79,7 +79,7 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoints, s3_endpoint, tmp_path_factory):
+def url(checkpoints, clip_trained, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from medsam3.io import storage
@@ -87,7 +87,8 @@ def url(checkpoints, s3_endpoint, tmp_path_factory):
 
     # model "b" is served from S3 (the replicas fetch it with the app's storage settings)
     storage.upload(checkpoints["b"], "s3://medsam3-test/serve/seed1")
-    served = {"a": str(checkpoints["a"]), "b": "s3://medsam3-test/serve/seed1"}
+    # model "v" is a video checkpoint (detector + clip-trained tracker) for mode=propagate
+    served = {"a": str(checkpoints["a"]), "b": "s3://medsam3-test/serve/seed1", "v": str(clip_trained[1])}
     one_replica = {"autoscaling_config": None, "num_replicas": 1}
     keys = tmp_path_factory.mktemp("auth") / "api-keys"
     keys.write_text(f"# test keys\n{KEY}\n")
@@ -121,7 +122,8 @@ def test_health_models_and_docs(url):
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
     models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
-    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b"]
+    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b", "v"]
+    assert [m["modes"] for m in models["models"]] == [["slices"], ["slices"], ["slices", "propagate"]]
     assert "/v1/segment" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert "<canvas" in requests.get(f"{url}/", timeout=10).text
 
@@ -288,6 +290,41 @@ def test_concurrent_requests_with_different_images_get_their_own_answers(url):
         mask = decode(answer.json()["masks"][0]["rle"][0])
         # batched and single float32 forward passes agree to rounding (tests/test_batching.py)
         assert np.mean(mask != alone[i]) <= 1e-3, f"a request for image {i} got another image's mask"
+
+
+def lesion_nifti(path: Path, name: str) -> Path:
+    """8 slices (2..9) of a real lesion volume as a CT NIfTI (within the endpoint's voxel limit)."""
+    recist = load_recist(name)
+    hu = uint8_to_hu(recist["imgs"][2:10], width=2000, level=0)
+    affine = np.diag([*recist["spacing"][:3], 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)[::-1, ::-1, :]), affine), path)
+    return path
+
+
+def test_propagate_mode_answers_equal_predict_under_concurrency(url, clip_trained, tmp_path):
+    """mode=propagate on the video checkpoint: two different volumes (a box-seeded one and a
+    text-only one) sent together each get what `medsam3 predict --mode propagate` gives alone."""
+    seeded = lesion_nifti(tmp_path / "seeded.nii.gz", "CT_Lesion_000009_03_01_036-048.npz")
+    text = lesion_nifti(tmp_path / "text.nii.gz", "CT_Lesion_000002_03_01_035-047.npz")
+    requests_ = [(seeded, {"box": ["208,177,250,236@z=4"]}), (text, {})] * 2
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda r: post(url, r[0], prompts=["lesion"], model="v", mode="propagate", **r[1]),
+                                requests_))
+    assert [a.status_code for a in answers] == [200] * 4, answers[0].text
+    cfg = inference_config([f"threshold={THRESHOLD}", "mode=propagate"])
+    for (path, fields), answer in zip(requests_, answers, strict=True):
+        run_predict(path, ["lesion"], clip_trained[1], tmp_path / "p", cfg, boxes=fields.get("box", []),
+                    progress=False)
+        mask = np.asanyarray(nib.load(tmp_path / "p" / "labels.nii.gz").dataobj) == 1
+        got = np.stack([decode(rle) for rle in answer.json()["masks"][0]["rle"]])
+        assert np.array_equal(got, np.stack([display_slice(mask, 2, k) for k in range(8)]))
+    assert answers[0].json()["masks"][0]["voxels"] > 1000  # the tracked lesion (slices mode is not this)
+    refused = post(url, seeded, prompts=["lesion"], model="a", mode="propagate")
+    assert refused.status_code == 422 and "no tracker" in refused.json()["detail"]
+    unseeded = post(url, seeded, prompts=["lesion"], model="v", mode="propagate", box=["208,177,250,236"])
+    assert unseeded.status_code == 422 and "@z=N" in unseeded.json()["detail"]
+    outside = post(url, seeded, prompts=["lesion"], model="v", mode="propagate", box=["208,177,250,236@z=8"])
+    assert outside.status_code == 422 and "outside the volume" in outside.json()["detail"]
 
 
 # --- hostile uploads: refused before memory is spent ----------------------------------------------

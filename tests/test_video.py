@@ -1,0 +1,264 @@
+"""Volumes as volumes: SAM3's video model (transformers' Sam3VideoModel) for 3D propagation, and
+clip training of its detector and tracker under Ray Train + DeepSpeed ZeRO-3 on real CT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsam3.config import load_config
+from medsam3.inference import Segmenter, box_from_text, inference_config, prompt_request
+from medsam3.io import discover, read_case
+from medsam3.io.scan import read_scan
+from medsam3.metrics import dice
+from medsam3.model import CheckpointError, build_model, build_word_tokenizer, tokenize
+from medsam3.propagate import LazyFrames, PropagationSettings
+from medsam3.transforms import display_slice
+from medsam3.video import assemble_video_model, build_video_model, checkpoint_type, preset_video_config
+from pipelines.clip_data import clip_windows, count_clips
+from pipelines.train import run_train
+from tests.conftest import CLIPS, LESION_CASE, OVERFIT
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def lesion_truth(scans: Path, segmenter: Segmenter) -> np.ndarray:
+    """The lesion's mask in the scan's canonical orientation (as predict's masks)."""
+    cfg = load_config("prepare", ["modality=CT"])
+    refs, _ = discover(scans, cfg, segmenter.plans.vocab)
+    return read_case(refs[0], cfg).layers[0] > 0
+
+
+def seed_on_middle_slice(gt: np.ndarray, axis: int) -> tuple[int, str]:
+    """The middle slice showing the lesion and its box there, in the plane's pixels."""
+    shown = [k for k in range(gt.shape[axis]) if display_slice(gt, axis, k).any()]
+    z = shown[len(shown) // 2]
+    ys, xs = np.nonzero(display_slice(gt, axis, z))
+    return z, f"{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1}"
+
+
+# --- fast: the pieces ------------------------------------------------------------------------
+
+def test_a_box_names_its_seed_slice():
+    assert box_from_text("10,20,30,40") == ([10, 20, 30, 40], None)
+    assert box_from_text(" 10,20,30,40@z=57") == ([10, 20, 30, 40], 57)
+    for bad in ("10,20,30,40@57", "10,20,30,40@z=-1", "10,20,30,40@y=3", "10,20,5,40@z=1"):
+        with pytest.raises(ValueError, match="box"):
+            box_from_text(bad)
+    request = prompt_request(["liver", "lesion", "spleen"], ["1,2,3,4@z=3", "1,2,3,4"])
+    assert request.boxes == [[1, 2, 3, 4], [1, 2, 3, 4], None] and request.slices == [3, None, None]
+
+
+def test_clips_cover_every_slice_and_end_at_the_last():
+    settings = PropagationSettings(clip_length=8, clip_overlap=4)
+    for depth in (1, 5, 8, 13, 600):
+        clips = settings.clips(depth)
+        covered = sorted({k for clip in clips for k in clip})
+        assert covered == list(range(depth)) and clips[-1].stop == depth
+        assert all(len(c) == min(8, depth) for c in clips)
+    assert [c.start for c in settings.clips(13)] == [0, 4, 5]
+    with pytest.raises(ValueError, match="clip_overlap"):
+        PropagationSettings.from_config({"clip_length": 4, "clip_overlap": 4})
+
+
+def test_training_clips_are_runs_of_consecutive_stored_slices():
+    # slices 3..9 and 20..21 stored (prepare sampled the others out), in shuffled row order
+    indices = np.array([7, 3, 21, 4, 9, 5, 20, 6, 8])
+    windows = [sorted(indices[w].tolist()) for w in clip_windows(indices, 4)]
+    assert windows == [[3, 4, 5, 6], [6, 7, 8, 9], [20, 21]]
+    assert [w.tolist() for w in clip_windows(np.array([-1, -1]), 4)] == [[0], [1]]  # 2D images: one each
+    assert count_clips({("d", "a", "liver"): indices.tolist(), ("d", "b", "liver"): [-1]}, 4) == 4
+
+
+def test_lazy_frames_make_frames_on_demand_and_keep_few():
+    made = []
+    frames = LazyFrames(lambda i: made.append(i) or torch.full((1,), float(i)), count=100, keep=2)
+    assert len(frames) == 100 and float(frames[5][0]) == 5.0 and float(frames[5][0]) == 5.0
+    for i in range(10):
+        frames[i]
+    assert made == [5, *range(10)] and len(frames.recent) == 2
+    with pytest.raises(KeyError):
+        frames[100]
+
+
+def test_a_video_model_needs_trained_tracker_weights(tmp_path):
+    detector = build_model("tiny_video")
+    with pytest.raises(CheckpointError, match="no tracker weights"):
+        assemble_video_model(detector, None, "tiny_video")
+    # a tracker comes from a SAM3 video folder, every tensor of it
+    torch.manual_seed(3)
+    source = build_video_model("tiny_video")
+    source.save_pretrained(tmp_path / "video")
+    video = assemble_video_model(detector, tmp_path / "video", "tiny_video")
+    theirs, ours = source.state_dict(), video.state_dict()
+    tracker = [k for k in ours if k.startswith(("tracker_model.", "tracker_neck."))]
+    assert len(tracker) > 100 and all(torch.equal(ours[k], theirs[k]) for k in tracker)
+    assert all(torch.equal(ours[k], v) for k, v in
+               {f"detector_model.{k}": v for k, v in detector.state_dict().items()}.items())
+    # a tracker of another size does not fit this detector: refused with the names
+    with pytest.raises(CheckpointError, match="does not fit"):
+        assemble_video_model(build_model("tiny"), tmp_path / "video", "tiny")
+    # an image folder is not a tracker source
+    detector.save_pretrained(tmp_path / "image")
+    with pytest.raises(CheckpointError, match="not a SAM3 video checkpoint"):
+        assemble_video_model(detector, tmp_path / "image", "tiny_video")
+    assert checkpoint_type(tmp_path / "video") == "sam3_video" and checkpoint_type(tmp_path / "image") == "sam3"
+
+
+def test_an_image_checkpoint_cannot_propagate_and_seeds_need_a_slice(tiny_checkpoint, tmp_path):
+    case = read_scan(sorted(Path(__file__).parents[2].joinpath("shared/data/medsam2-recist-ct").glob("*.npz"))[0]).case
+    with pytest.raises(CheckpointError, match="cannot propagate"):
+        Segmenter(tiny_checkpoint, inference_config()).segment(case, ["lesion"], mode="propagate")
+    torch.manual_seed(0)
+    video = assemble_video_model(build_model("tiny_video"), None, "tiny_video", allow_random_tracker=True)
+    video.save_pretrained(tmp_path / "video")
+    build_word_tokenizer(["lesion"]).save_pretrained(tmp_path / "video")
+    segmenter = Segmenter(tmp_path / "video", inference_config())
+    with pytest.raises(ValueError, match="@z=N"):
+        segmenter.segment(case, ["lesion"], ["100,100,200,200"], mode="propagate")
+    with pytest.raises(ValueError, match="outside the volume"):
+        segmenter.segment(case, ["lesion"], ["100,100,200,200@z=99"], mode="propagate")
+
+
+def test_the_tracker_trains_through_its_memory():
+    """One teacher-forced step: gradients reach the memory attention and the memory encoder (the
+    parts that carry a mask from slice to slice), not only the SAM decoder."""
+    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss
+
+    torch.manual_seed(0)
+    model = Sam3VideoForClipTraining(preset_video_config("tiny_video")).train()
+    tokens = tokenize(build_word_tokenizer(["lesion"]), ["lesion"] * 4)
+    masks = torch.zeros(1, 4, 224, 224)
+    masks[0, 1:, 50:90, 60:100] = 1
+    out = model(torch.randn(4, 3, 224, 224), tokens["input_ids"], tokens["attention_mask"],
+                seed_frames=torch.tensor([1]), seed_boxes=torch.tensor([[60.0, 50, 100, 90]]))
+    assert out.masks.shape == (1, 4, 224, 224) and out.object_logits.shape == (1, 4)
+    weights = load_config("train").loss
+    sum(tracker_loss(out, masks, torch.ones(1, 4, dtype=torch.bool), weights).values()).backward()
+    for part in ("memory_attention", "memory_encoder", "mask_decoder", "object_pointer_proj"):
+        grads = [p.grad for n, p in model.tracker_model.named_parameters() if n.startswith(part)]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), part
+    neck = [p.grad for p in model.tracker_neck.parameters() if p.grad is not None]
+    backbone = [p.grad for p in model.detector_model.vision_encoder.backbone.parameters() if p.grad is not None]
+    assert neck and backbone  # the shared backbone learns from the tracker too
+
+
+# --- slow: clip training on real CT, then propagation ----------------------------------------
+
+@pytest.mark.slow
+def test_a_clip_run_overfits_its_clips(clip_trained):
+    run_dir, model, _, _ = clip_trained
+    log = metrics(run_dir)
+    assert [m["step"] for m in log] == list(range(1, 101))
+    first, last = log[0]["loss"], np.mean([m["loss"] for m in log[-5:]])
+    assert last < first / 2, (first, last)
+    early, late = (np.mean([m["tracker_dice"] for m in part]) for part in (log[:5], log[-5:]))
+    assert early < 0.2 and late > 0.8, (early, late)
+    assert {"tracker_object", "tracker_mask_focal", "tracker_mask_dice", "tracker_iou", "class"} <= set(log[-1])
+    # both clips of 4 slices, one per worker each step; the exported folder is a video model
+    assert sorted(log[0]["samples"]) == ["CT_Lesion_000009_03_01_036-048#3", "CT_Lesion_000009_03_01_036-048#6"]
+    assert checkpoint_type(model) == "sam3_video"
+
+
+@pytest.mark.slow
+def test_a_box_seeded_on_the_middle_slice_is_tracked_through_the_lesion(clip_trained, tmp_path):
+    _, model, scans, _ = clip_trained
+    segmenter = Segmenter(model, inference_config())
+    case = read_scan(scans / LESION_CASE).case
+    gt = lesion_truth(scans, segmenter)
+    axis = segmenter.prep.axis
+    z, box = seed_on_middle_slice(gt, axis)
+
+    def near(mask):  # Dice on the two slices either side of the seed
+        return [dice(display_slice(mask, axis, k), display_slice(gt, axis, k)) for k in (z - 2, z - 1, z + 1, z + 2)]
+
+    tracked = segmenter.segment(case, ["lesion"], [f"{box}@z={z}"], mode="propagate")[0]
+    assert min(near(tracked.mask)) > 0.7, near(tracked.mask)
+    assert dice(tracked.mask, gt) > 0.7 and tracked.slice_scores[z] > 0.5
+    # the same detector with an untrained tracker follows nothing: the trained tracker does the work
+    untrained = tmp_path / "untrained"
+    assemble_video_model(segmenter.model, None, "tiny_video", allow_random_tracker=True).save_pretrained(untrained)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "plans", "medsam3_export")):
+            (untrained / name).write_bytes((model / name).read_bytes())
+    control = Segmenter(untrained, inference_config()).segment(case, ["lesion"], [f"{box}@z={z}"], mode="propagate")[0]
+    assert max(near(control.mask)) < 0.3, near(control.mask)
+    # slice by slice with the same single-slice box: the detector alone on the other slices
+    # (reported beside propagation in the README; here both must find the lesion)
+    sliced = segmenter.segment(case, ["lesion"], [f"{box}@z={z}"], mode="slices")[0]
+    assert dice(sliced.mask, gt) > 0.5
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_propagate(clip_trained, tmp_path):
+    import nibabel as nib
+
+    from pipelines.evaluate import run_evaluate
+    from pipelines.predict import run_predict
+
+    _, model, scans, shards = clip_trained
+    segmenter = Segmenter(model, inference_config())
+    gt = lesion_truth(scans, segmenter)
+    z, box = seed_on_middle_slice(gt, segmenter.prep.axis)
+    cfg = inference_config(["mode=propagate"])
+    summary = run_predict(scans / LESION_CASE, ["lesion"], model, tmp_path / "p", cfg, boxes=[f"{box}@z={z}"],
+                          progress=False)
+    labels = np.asanyarray(nib.load(tmp_path / "p" / "labels.nii.gz").dataobj)
+    assert labels.shape == gt.shape and dice(labels == 1, gt) > 0.7
+    assert summary["prompts"][0]["voxels"] == int((labels == 1).sum()) and summary["prompts"][0]["volume_ml"] > 0
+    # evaluate: the slice modes and the propagation modes side by side, on the whole volume
+    out = tmp_path / "eval"
+    cfg = inference_config(["modes=[text,text+box,propagate,propagate+box]", f"scans={scans}", "split=all"],
+                           stage="evaluate")
+    run_evaluate(shards, [str(model)], out, cfg)
+    import pandas as pd
+
+    table = pd.read_csv(out / "metrics.csv").set_index("mode")
+    assert set(table.index) == {"text", "text+box", "propagate", "propagate+box"}
+    assert (table["slices"] == gt.shape[segmenter.prep.axis]).all()  # whole volumes, every slice
+    assert table.loc["propagate+box", "dice"] > 0.7
+    report = (out / "report.md").read_text()
+    assert "| model | propagate+box |" in report and "| model | text |" in report
+
+
+@pytest.mark.slow
+def test_clip_mode_resumes_and_survives_a_killed_worker(lesion_shards, tmp_path):
+    import psutil
+
+    shards = lesion_shards / "shards"
+    cfg = [*CLIPS, *OVERFIT, "train.checkpoint_every=2"]
+    run_dir = tmp_path / "resumed"
+    run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=2"]))
+    result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=4"]))
+    assert result.error is None and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    killed, run_dir = [], tmp_path / "killed"
+
+    def kill_a_worker_after_step_3():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            log = run_dir / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        break
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_step_3)
+    watcher.start()
+    result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=6"]))
+    watcher.join()
+    assert killed and result.error is None and result.metrics["step"] == 6
+    steps = [m["step"] for m in metrics(run_dir)]
+    assert steps[-1] == 6 and max(steps.count(s) for s in steps) == 2 and "tracker_dice" in metrics(run_dir)[-1]
