@@ -5,6 +5,8 @@ Prints, on the tiny SAM3 and the synthetic phantom (prepared at 256²), measured
 (b) samples/s of the same model, loss, optimizer and batches in one plain PyTorch process;
 the per-sample time ratio (a)/(b) (target ≤ 1.5×), and the fraction of (a)'s step time spent
 waiting for data (target < 10 %).
+With ``--clips``: the same for ``train.mode=clips`` (clips/s) with the tiny video model on the
+real CT lesion volumes of ../shared/data (prepared at 224², lesion slices; clips of 4 slices).
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def optimizer_step(loss, model, optimizer, scheduler, cfg) -> None:
+    """Backward, clipping and the optimizer and schedule steps, as DeepSpeed does them."""
+    import torch
+
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.gradient_clipping))
+    optimizer.step()
+    scheduler.step()
 
 
 def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
@@ -59,12 +72,60 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         started = time.perf_counter()
         inputs, targets = collate(numpy_batch, tokenizer, rngs, float(cfg.train.box_prompt_prob),
                                   max_instances=int(cfg.loss.max_instances) or None)
-        loss = set_loss(model(**inputs), targets, weights)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.gradient_clipping))
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(set_loss(model(**inputs), targets, weights)["loss"], model, optimizer, scheduler, cfg)
+        if step >= 4:
+            times.append(time.perf_counter() - started)
+    return batch / statistics.median(times)
+
+
+def plain_clips_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
+    """Clip mode's per-worker batches, model, losses and optimizer in this process."""
+    import pyarrow.dataset as pads
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss
+    from medsam3.losses import set_loss
+    from medsam3.model import enable_activation_checkpointing
+    from medsam3.ops import enable_box_prompts
+    from medsam3.optim import inverse_sqrt_schedule, param_groups
+    from medsam3.schema import shard_files
+    from medsam3.video import build_video_model
+    from pipelines.clip_data import CLIP_KEYS, augment_clips, collate_clips, make_clips
+    from pipelines.train_data import Augmentation
+
+    enable_box_prompts()
+    torch.manual_seed(0)
+    model = build_video_model(cfg.model.preset, None, Sam3VideoForClipTraining).train()
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model.detector_model)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, int(cfg.train.max_steps))
+    weights = OmegaConf.to_container(cfg.loss, resolve=True)
+    table = pads.dataset(shard_files(shards), format="parquet").to_table().to_pandas()
+    length, batch = int(cfg.train.clip_length), int(cfg.train.batch_size)
+    clips = []
+    for _, group in table.groupby(list(CLIP_KEYS)):
+        made = make_clips({c: group[c].to_numpy() for c in group.columns}, length)
+        clips += [{k: v[i] for k, v in made.items()} for i in range(len(made["prompt"]))]
+    rng = np.random.default_rng(0)
+    augment = Augmentation.from_config(cfg.train)
+    t = cfg.train
+    times = []
+    for step in range(steps):
+        chosen = [clips[i] for i in rng.integers(len(clips), size=batch)]
+        numpy_batch = {k: np.array([c[k] for c in chosen], dtype=object) for k in chosen[0]}
+        rows, frame_rngs, clip_rngs, valid = augment_clips(numpy_batch, 224, augment, 0, step, length)
+        started = time.perf_counter()
+        inputs, targets, masks, valid = collate_clips(rows, tokenizer, frame_rngs, clip_rngs, valid,
+                                                      float(t.box_prompt_prob), float(t.box_noise),
+                                                      float(t.box_noise_max_px), int(cfg.loss.max_instances))
+        outputs = model(**inputs)
+        loss = set_loss(outputs.detector, targets, weights)["loss"]
+        optimizer_step(loss + sum(tracker_loss(outputs, masks, valid, weights).values()), model, optimizer,
+                       scheduler, cfg)
         if step >= 4:
             times.append(time.perf_counter() - started)
     return batch / statistics.median(times)
@@ -73,6 +134,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--clips", action="store_true", help="train.mode=clips on the real CT lesion volumes")
     parser.add_argument("overrides", nargs="*", help="train config overrides for both runs, e.g. "
                         "train.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
@@ -90,20 +152,29 @@ def main() -> None:
 
         init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-        write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
-        run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=256"]))
+        clip_mode = []
+        if args.clips:
+            run_prepare(ROOT.parent / "shared" / "data" / "medsam2-recist-ct", tmp / "shards",
+                        load_config("prepare", ["image_size=224", "modality=CT", "empty_fraction=0"]))
+            clip_mode = ["model.preset=tiny_video", "train.mode=clips", "train.clip_length=4", "train.batch_size=1"]
+        else:
+            write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
+            run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=256"]))
         cfg = load_config("train", [f"train.max_steps={args.steps}", "train.checkpoint_every=100000",
-                                    "train.val_every=0", "train.val_fraction=0", *args.overrides])
+                                    "train.val_every=0", "train.val_fraction=0", *clip_mode, *args.overrides])
         run_train(tmp / "shards", tmp / "run", cfg)
         ray.shutdown()
         log = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][4:]
         workers, batch = int(cfg.train.num_workers), int(cfg.train.batch_size)
         ray_rate = statistics.median(m["samples_per_s"] for m in log)
         wait = sum(m["data_wait_s"] for m in log) / sum(m["data_wait_s"] + m["step_s"] for m in log)
-        plain_rate = plain_samples_per_s(tmp / "shards", tmp / "run", cfg, args.steps)
-        print(f"\ntrain throughput, tiny SAM3 at 224², batch {batch} per worker, steady state (steps 5-{args.steps}):")
-        print(f"  (a) Ray Train + DeepSpeed ZeRO-3, {workers} workers: {ray_rate:6.2f} samples/s")
-        print(f"  (b) one plain PyTorch process:                {plain_rate:6.2f} samples/s")
+        plain = plain_clips_per_s if args.clips else plain_samples_per_s
+        plain_rate = plain(tmp / "shards", tmp / "run", cfg, args.steps)
+        unit = f"clips of {cfg.train.clip_length} slices" if args.clips else "samples"
+        what = "tiny video SAM3, real CT lesion clips" if args.clips else "tiny SAM3"
+        print(f"\ntrain throughput, {what} at 224², batch {batch} per worker, steady state (steps 5-{args.steps}):")
+        print(f"  (a) Ray Train + DeepSpeed ZeRO-3, {workers} workers: {ray_rate:6.2f} {unit}/s")
+        print(f"  (b) one plain PyTorch process:                {plain_rate:6.2f} {unit}/s")
         print(f"  per-sample time (a)/(b): {plain_rate / ray_rate:.2f}x   (target <= 1.5x)")
         print(f"  data wait in (a): {100 * wait:.1f} % of step time   (target < 10 %)")
 

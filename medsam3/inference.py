@@ -58,6 +58,9 @@ def _flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", json.dumps(value) if isinstance(value, list | dict) else value
 
 
+MODES = ("slices", "propagate")  # each slice on its own | a volume as a video (medsam3.propagate)
+
+
 def box_from_text(text: str) -> tuple[list[float], int | None]:
     """``"x0,y0,x1,y1"`` (pixels), optionally ``"@z=N"`` (the slice that seeds propagation) → four
     floats and the slice index or None; ValueError naming the text when it is not a box."""
@@ -381,8 +384,8 @@ class Segmenter:
         text-only prompt runs as detector-started clips (see :mod:`medsam3.propagate`).
         """
         request = prompt_request(prompts, boxes or ())
-        if mode not in ("slices", "propagate"):
-            raise ValueError(f"mode {mode!r}: one of slices, propagate")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         intensity = self.prep.intensity(case)
         results = self.prep.results(case, request.prompts, request.boxes, self.trained_prompts)
         if mode == "propagate" and case.is_3d:

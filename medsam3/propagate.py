@@ -31,8 +31,6 @@ from medsam3.model import tokenize
 from medsam3.samples import Intensity
 from medsam3.transforms import model_pixels, resized_shape, undisplay_slice
 
-MODES = ("slices", "propagate")
-
 
 @dataclass(frozen=True)
 class PropagationSettings:

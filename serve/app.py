@@ -194,7 +194,7 @@ class SegmentAPI:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview, mode) -> Response:
-        from medsam3.inference import prompt_request
+        from medsam3.inference import MODES, prompt_request
         from medsam3.io.case import CaseError
         from medsam3.io.scan import declared_shape, read_scan
 
@@ -208,8 +208,8 @@ class SegmentAPI:
             checked = prompt_request(prompts, boxes, self.max_prompts)
         except ValueError as exc:
             raise UploadError(422, str(exc)) from exc
-        if mode not in ("slices", "propagate"):
-            raise UploadError(422, f"mode {mode!r} is not one of slices, propagate")
+        if mode not in MODES:
+            raise UploadError(422, f"mode {mode!r} is not one of {', '.join(MODES)}")
         if mode == "propagate" and not self.trackers[model_id]:
             raise UploadError(422, f"model {model_id!r} has no tracker (an image model): mode propagate needs a "
                                    "video checkpoint; see /v1/models")

@@ -11,7 +11,11 @@ import datetime
 import gzip
 import io
 import json
+import os
+import signal
 import struct
+import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -216,3 +220,25 @@ def zip_bomb(path: Path, gib: float = 1.0) -> Path:
         for _ in range(int(gib * 1024)):
             member.write(b"\0" * 2**20)
     return path
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one Ray Train worker once ``run_dir/metrics.jsonl`` has ``after_steps`` lines (a
+    node or process failure mid-run); ``killed`` holds the pid."""
+
+    def __init__(self, run_dir: Path, after_steps: int = 3, timeout_s: float = 240):
+        super().__init__(daemon=True)
+        self.log, self.after, self.deadline = Path(run_dir) / "metrics.jsonl", after_steps, time.time() + timeout_s
+        self.killed: list[int] = []
+
+    def run(self) -> None:
+        import psutil
+
+        while time.time() < self.deadline and not self.killed:
+            if self.log.is_file() and len(self.log.read_text().splitlines()) >= self.after:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        self.killed.append(proc.info["pid"])
+                        break
+            time.sleep(0.2)

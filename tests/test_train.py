@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ from pipelines.run_folder import RunFolder
 from pipelines.settings import TrainError
 from pipelines.train import run_train
 from preprocessing.prepare import run_prepare
-from tests.builders import SAMMED2D
+from tests.builders import SAMMED2D, WorkerKiller
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -181,28 +177,12 @@ def test_resume_by_name_continues_at_the_same_step_and_data_position(shards, tmp
 
 
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
-    import psutil
-
     run_dir = tmp_path / "killed"
-    killed = []
-
-    def kill_a_worker_after_step_3():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            log = run_dir / "metrics.jsonl"
-            if log.is_file() and len(log.read_text().splitlines()) >= 3:
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
-                        break
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_a_worker_after_step_3)
-    watcher.start()
+    killer = WorkerKiller(run_dir, after_steps=3)
+    killer.start()
     result = run_train(shards, run_dir, train_cfg("train.max_steps=8", "train.checkpoint_every=2"))
-    watcher.join()
-    assert killed, "no training worker was found to kill"
+    killer.join()
+    assert killer.killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == 8
     steps = [m["step"] for m in metrics(run_dir)]
     assert steps[-1] == 8 and max(steps.count(s) for s in steps) == 2  # some steps redone after the restart

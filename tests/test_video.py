@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from medsam3.transforms import display_slice
 from medsam3.video import assemble_video_model, build_video_model, checkpoint_type, preset_video_config
 from pipelines.clip_data import clip_windows, count_clips
 from pipelines.train import run_train
+from tests.builders import WorkerKiller
 from tests.conftest import CLIPS, LESION_CASE, OVERFIT
 
 
@@ -78,6 +76,28 @@ def test_training_clips_are_runs_of_consecutive_stored_slices():
     assert windows == [[3, 4, 5, 6], [6, 7, 8, 9], [20, 21]]
     assert [w.tolist() for w in clip_windows(np.array([-1, -1]), 4)] == [[0], [1]]  # 2D images: one each
     assert count_clips({("d", "a", "liver"): indices.tolist(), ("d", "b", "liver"): [-1]}, 4) == 4
+
+
+def test_a_short_run_or_a_2d_image_is_a_padded_clip_whose_padding_the_loss_ignores():
+    from pipelines.clip_data import augment_clips, make_clips
+    from pipelines.train_data import Augmentation
+
+    side = 8
+    images = [np.full((side, side, 3), k, np.uint8).tobytes() for k in range(3)]
+    masks = [np.pad(np.ones((2, 2), np.uint8), ((k, side - 2 - k), (0, side - 2))).tobytes() for k in range(3)]
+    group = {"image": np.array(images, dtype=object), "mask": np.array(masks, dtype=object),
+             "slice_index": np.array([5, 4, 6]), "dataset": np.array(["d"] * 3, dtype=object),
+             "case_id": np.array(["c"] * 3, dtype=object), "prompt": np.array(["liver"] * 3, dtype=object)}
+    clips = make_clips(group, 4)
+    assert list(clips["frames"]) == [3] and list(clips["slice_index"]) == [4]
+    rows, _, _, valid = augment_clips(clips, side, Augmentation(), 0, 0, 4)
+    assert valid.tolist() == [[True, True, True, False]]
+    # frames in slice order (4, 5, 6), the padding a copy of the last
+    assert [int(p[0, 0, 0] * 127.5 + 127.5 + 0.5) for p in rows["pixel_values"]] == [1, 0, 2, 2]
+    assert list(rows["slice_index"]) == [4, 5, 6, 6]
+    flat = {**{k: v[:1] for k, v in group.items()}, "slice_index": np.array([-1])}
+    single = make_clips(flat, 4)
+    assert list(single["frames"]) == [1] and len(single["image"][0]) == 4 * side * side * 3
 
 
 def test_lazy_frames_make_frames_on_demand_and_keep_few():
@@ -233,32 +253,17 @@ def test_predict_and_evaluate_propagate(clip_trained, tmp_path):
 
 @pytest.mark.slow
 def test_clip_mode_resumes_and_survives_a_killed_worker(lesion_shards, tmp_path):
-    import psutil
-
     shards = lesion_shards / "shards"
     cfg = [*CLIPS, *OVERFIT, "train.checkpoint_every=2"]
     run_dir = tmp_path / "resumed"
     run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=2"]))
     result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=4"]))
     assert result.error is None and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
-    killed, run_dir = [], tmp_path / "killed"
-
-    def kill_a_worker_after_step_3():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            log = run_dir / "metrics.jsonl"
-            if log.is_file() and len(log.read_text().splitlines()) >= 3:
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
-                        break
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_a_worker_after_step_3)
-    watcher.start()
+    run_dir = tmp_path / "killed"
+    killer = WorkerKiller(run_dir, after_steps=3)
+    killer.start()
     result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=6"]))
-    watcher.join()
-    assert killed and result.error is None and result.metrics["step"] == 6
+    killer.join()
+    assert killer.killed and result.error is None and result.metrics["step"] == 6
     steps = [m["step"] for m in metrics(run_dir)]
     assert steps[-1] == 6 and max(steps.count(s) for s in steps) == 2 and "tracker_dice" in metrics(run_dir)[-1]
