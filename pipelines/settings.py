@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
+from medsam3.model import preset
 from pipelines.train_data import Augmentation
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -110,6 +111,9 @@ class TrainSettings:
             raise TrainError(f"train.box_prompt_prob={self.box_prompt_prob}: expected a probability")
         if self.mode == "clips" and self.clip_length < 1:
             raise TrainError(f"train.clip_length={self.clip_length}: must be positive")
+        if self.mode == "clips" and self.model_path is None and "tracker" not in preset(self.preset):
+            raise TrainError(f"train.mode=clips: model.preset={self.preset} has no tracker "
+                             "(configs/model/tiny_video.yaml and sam3.yaml have one)")
         if self.model_path is None and self.preset is None:
             raise TrainError("model.preset and model.path are both null: name a preset or a checkpoint folder")
 

@@ -100,6 +100,16 @@ def test_a_short_run_or_a_2d_image_is_a_padded_clip_whose_padding_the_loss_ignor
     assert list(single["frames"]) == [1] and len(single["image"][0]) == 4 * side * side * 3
 
 
+def test_clip_mode_needs_a_preset_with_a_tracker():
+    from pipelines.settings import TrainError, TrainSettings
+
+    with pytest.raises(TrainError, match="has no tracker"):
+        TrainSettings.from_config(load_config("train", ["train.mode=clips", "model.preset=tiny"]))
+    assert TrainSettings.from_config(load_config("train", CLIPS)).frames_per_batch == 4
+    with pytest.raises(TrainError, match="train.mode"):
+        TrainSettings.from_config(load_config("train", ["train.mode=video"]))
+
+
 def test_lazy_frames_make_frames_on_demand_and_keep_few():
     made = []
     frames = LazyFrames(lambda i: made.append(i) or torch.full((1,), float(i)), count=100, keep=2)
