@@ -90,6 +90,13 @@ class PromptRequest:
     boxes: list[list[float] | None]
     slices: list[int | None]
 
+    def require_seeds(self) -> None:
+        """``propagate`` mode: every box must name the slice it seeds (ValueError otherwise)."""
+        for prompt, box, z in zip(self.prompts, self.boxes, self.slices, strict=True):
+            if box is not None and z is None:
+                raise ValueError(f"propagate mode: the box of {prompt!r} needs the slice it seeds, "
+                                 "as x0,y0,x1,y1@z=N")
+
 
 def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float] | None] = (),
                    max_prompts: int | None = None) -> PromptRequest:
@@ -411,11 +418,7 @@ class Segmenter:
         if self.video is None:
             raise CheckpointError(f"{self.checkpoint}: an image model (model_type 'sam3') cannot propagate; export "
                                   "the run with export.tracker=DIR or train it with train.mode=clips")
-        unseeded = [p for p, b, z in zip(request.prompts, request.boxes, request.slices, strict=True)
-                    if b is not None and z is None]
-        if unseeded:
-            raise ValueError(f"propagate mode: the box of {unseeded[0]!r} needs the slice it seeds, "
-                             "as x0,y0,x1,y1@z=N")
+        request.require_seeds()
         propagation = CasePropagation(self, case, intensity, PropagationSettings.from_config(self.cfg.get("propagate")))
         seeds = {i: (b, z) for i, (b, z) in enumerate(zip(request.boxes, request.slices, strict=True))
                  if b is not None}

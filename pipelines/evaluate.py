@@ -215,10 +215,10 @@ class VolumePredictor:
         if segmenter.video is None:
             raise EvaluateError(f"{checkpoint}: an image model has no tracker for modes "
                                 f"{[m for m in cfg['modes'] if m in VOLUME_MODES]}; export it with a tracker")
-        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer,
-                                           PropagationSettings.from_config(cfg.get("propagate")))
+        settings = PropagationSettings.from_config(cfg.get("propagate"))
+        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings)
         self.modes = [m for m in cfg["modes"] if m in VOLUME_MODES]
-        self.threshold = PropagationSettings.from_config(cfg.get("propagate")).mask_threshold
+        self.threshold = settings.mask_threshold
         self.tolerance_mm = float(cfg["tolerance_mm"])
 
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, Any]:

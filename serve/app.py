@@ -213,10 +213,11 @@ class SegmentAPI:
         if mode == "propagate" and not self.trackers[model_id]:
             raise UploadError(422, f"model {model_id!r} has no tracker (an image model): mode propagate needs a "
                                    "video checkpoint; see /v1/models")
-        unseeded = [p for p, b, z in zip(checked.prompts, checked.boxes, checked.slices, strict=True)
-                    if b is not None and z is None]
-        if mode == "propagate" and unseeded:
-            raise UploadError(422, f"mode propagate: the box of {unseeded[0]!r} needs its slice, as x0,y0,x1,y1@z=N")
+        if mode == "propagate":
+            try:
+                checked.require_seeds()
+            except ValueError as exc:
+                raise UploadError(422, str(exc)) from exc
         # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
             path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
