@@ -7,6 +7,12 @@ the ratios (target: with batching, ≥ 2× the throughput at 32 clients, p99 ≤
 latency). "copies": every client sends the same slice; "distinct": at 32 clients, each request
 sends a different image (four real slices, each with one pixel changed per request), so no two
 requests may share a vision pass.
+
+LoRA adapters (``--adapter`` of ``medsam3 serve``): seconds to switch a replica's model to an
+adapter already in memory ("swap"), to load one from disk on first use (evicting another), and
+to load the whole model (a ``Segmenter`` of the checkpoint) as the baseline, with adapters made
+the way ``train.method=lora`` makes them (r=16 on the default target linears).
+``--adapters-only`` skips the HTTP table.
 """
 
 from __future__ import annotations
@@ -88,10 +94,58 @@ def model_items_per_s(checkpoint: Path, batch: int, rounds: int = 6) -> float:
     return batch * rounds / (time.perf_counter() - started)
 
 
+def adapter_times(checkpoint: Path, folder: Path, rounds: int = 20) -> dict[str, float]:
+    """Median seconds: full model load, adapter load from disk (first use), adapter swap (loaded)."""
+    from medsam3.inference import Segmenter, inference_config
+    from medsam3.lora import apply_lora
+    from medsam3.model import build_model
+
+    adapters = {}
+    for name in ("first", "second"):
+        model = apply_lora(build_model(path=checkpoint), {"r": 16, "alpha": 32, "dropout": 0.0})
+        model.save_pretrained(folder / name)
+        adapters[name] = folder / name
+    cfg = inference_config()
+
+    def timed(step) -> float:
+        started = time.perf_counter()
+        step()
+        return time.perf_counter() - started
+
+    def use(segmenter: Segmenter, name: str) -> None:
+        with segmenter.using(name):
+            pass
+
+    full = statistics.median(timed(lambda: Segmenter(checkpoint, cfg)) for _ in range(5))
+    one = Segmenter(checkpoint, cfg, adapters=adapters, max_adapters=1)  # each switch evicts and loads
+    use(one, "first")  # the first load also wraps the base in peft's PeftModel
+    loads = [timed(lambda name=name: use(one, name)) for name in ["second", "first"] * (rounds // 4)]
+    both = Segmenter(checkpoint, cfg, adapters=adapters, max_adapters=2)
+    use(both, "first")
+    use(both, "second")
+    swaps = [timed(lambda name=name: use(both, name)) for name in ["first", "second"] * rounds]
+    return {"model load": full, "adapter load": statistics.median(loads), "adapter swap": statistics.median(swaps)}
+
+
+def print_adapter_times(times: dict[str, float]) -> None:
+    full = times["model load"]
+    print("\nLoRA adapters on the tiny SAM3 (r=16, CPU): median seconds")
+    for what, seconds in times.items():
+        ratio = "" if what == "model load" else f"  (model load / this: {full / seconds:.0f}x)"
+        print(f"  {what:13s} {seconds * 1000:9.2f} ms{ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--adapters-only", action="store_true", help="only the LoRA adapter timings")
     args = parser.parse_args()
+    if args.adapters_only:
+        from benchmarks.inference import tiny_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print_adapter_times(adapter_times(tiny_checkpoint(Path(tmp) / "tiny"), Path(tmp)))
+        return
 
     import ray
     from ray import serve
@@ -122,6 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
         single, batched = model_items_per_s(checkpoint, 1), model_items_per_s(checkpoint, 16)
+        adapters = adapter_times(checkpoint, Path(tmp))
     print(f"\nmodel replica alone (Segmenter.run_items): {single:.1f} items/s one at a time, "
           f"{batched:.1f} items/s in batches of 16 ({batched / single:.2f}x)")
     print("\nserve: tiny SAM3 on CPU, one model replica, a 512² CT slice with 2 prompts per request")
@@ -135,6 +190,7 @@ def main() -> None:
         print(f"\n{images}: throughput at 32 clients, batching on / off: {on32[0] / off32[0]:.2f}x  (target >= 2x)")
         print(f"{images}: p99 at 32 clients with batching / single-client p50: {on32[2] / on1[1]:.2f}x  "
               "(target <= 2x)")
+    print_adapter_times(adapters)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ the per-sample time ratio (a)/(b) (target ≤ 1.5×), and the fraction of (a)'s 
 waiting for data (target < 10 %).
 With ``--clips``: the same for ``train.mode=clips`` (clips/s) with the tiny video model on the
 real CT lesion volumes of ../shared/data (prepared at 224², lesion slices; clips of 4 slices).
+With ``--stages``: one run per ZeRO stage (``train.zero_stage`` 0-3) of the ``medium`` preset
+(107M parameters, so that model state dominates a worker's memory) on the same batches: per-sample
+time against stage 3's and each stage's peak memory of rank 0 (resident set on CPU, allocated
+memory on a GPU).
 """
 
 from __future__ import annotations
@@ -135,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--clips", action="store_true", help="train.mode=clips on the real CT lesion volumes")
+    parser.add_argument("--stages", action="store_true", help="ZeRO stages 0-3 compared (medium preset)")
     parser.add_argument("overrides", nargs="*", help="train config overrides for both runs, e.g. "
                         "train.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
@@ -153,6 +158,11 @@ def main() -> None:
         init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         clip_mode = []
+        if args.stages:
+            write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
+            run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=224"]))
+            compare_stages(tmp, args.steps, args.overrides)
+            return
         if args.clips:
             run_prepare(ROOT.parent / "shared" / "data" / "medsam2-recist-ct", tmp / "shards",
                         load_config("prepare", ["image_size=224", "modality=CT", "empty_fraction=0"]))
@@ -177,6 +187,29 @@ def main() -> None:
         print(f"  (b) one plain PyTorch process:                {plain_rate:6.2f} {unit}/s")
         print(f"  per-sample time (a)/(b): {plain_rate / ray_rate:.2f}x   (target <= 1.5x)")
         print(f"  data wait in (a): {100 * wait:.1f} % of step time   (target < 10 %)")
+
+
+def compare_stages(tmp: Path, steps: int, overrides: list[str]) -> None:
+    """One run per ZeRO stage on the same batches; a table of per-sample time and peak memory."""
+    from medsam3.config import load_config
+    from pipelines.train import run_train
+
+    rows = []
+    for stage in (3, 2, 1, 0):
+        cfg = load_config("train", ["model.preset=medium", f"train.zero_stage={stage}", f"train.max_steps={steps}",
+                                    "train.checkpoint_every=100000", "train.val_every=0", "train.val_fraction=0",
+                                    *overrides])
+        run_train(tmp / "shards", tmp / f"stage{stage}", cfg)
+        log = [json.loads(line) for line in (tmp / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        rate = statistics.median(m["samples_per_s"] for m in log[4:])
+        rows.append((stage, rate, max(m["peak_memory_mb"] for m in log), log[-1]["loss"]))
+    stage3 = rows[0][1]
+    workers, batch = int(cfg.train.num_workers), int(cfg.train.batch_size)
+    print(f"\nZeRO stages, medium SAM3 (107M parameters) at 224², {workers} CPU workers, batch {batch} per worker, "
+          f"steps 5-{steps}:")
+    print("  stage | samples/s | per-sample time vs stage 3 | peak memory, rank 0 | loss at the last step")
+    for stage, rate, peak, loss in rows:
+        print(f"  {stage:5d} | {rate:9.2f} | {stage3 / rate:25.2f}x | {peak:15,.0f} MB | {loss:.3f}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("run_dir", metavar="RUN_DIR")
     _add_common(train)
 
-    export = sub.add_parser("export", help="consolidate a run's latest ZeRO-3 checkpoint into a Hugging Face dir",
+    export = sub.add_parser("export", help="a run's latest checkpoint as a Hugging Face dir (LoRA: the adapter)",
                             epilog=_stage_help("export"), formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--mode", choices=("slices", "propagate"),
                          help="3D inputs: each slice on its own (default) or propagated with the tracker")
     predict.add_argument("--checkpoint", required=True, help="exported or released SAM3 directory")
+    predict.add_argument("--adapter", help="LoRA adapter directory (an exported train.method=lora run) applied "
+                                           "to the --checkpoint base")
     predict.add_argument("--out", required=True, help="output folder (replaced atomically)")
     predict.add_argument("--config", help="YAML file merged over the built-in config")
     predict.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
@@ -103,11 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--checkpoint", action="append", required=True,
                            help="DIR or NAME=DIR (repeat to serve several; the first is the default)")
+    serve_cmd.add_argument("--adapter", action="append", default=[],
+                           help="NAME=DIR of a LoRA adapter on the first checkpoint (repeatable); requests "
+                                "choose it with model=NAME")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     serve_cmd.add_argument("--config", help="Serve config (default configs/serve.yaml)")
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     serve_cmd.add_argument("--no-block", action="store_true", help="return once deployed (Ray keeps serving)")
+
+    imp = sub.add_parser(
+        "import", help="a SAM3 / Medical SAM3 checkpoint in Meta's format (.pt) as a Hugging Face dir",
+        description="Convert Meta's sam3.pt (or a Medical SAM3 checkpoint in its format) into a folder "
+        "every stage accepts as --checkpoint / model.path, with import_report.json. Refused, nothing "
+        "written, when any model tensor would stay uninitialised or any shape differs.")
+    imp.add_argument("weights", metavar="WEIGHTS.pt")
+    imp.add_argument("out_dir", metavar="OUT_DIR")
+    imp.add_argument("--bpe", required=True, metavar="BPE",
+                     help="CLIP's merges file bpe_simple_vocab_16e6.txt.gz (in Meta's sam3 assets): the tokenizer")
+    imp.add_argument("--kind", choices=("auto", "image", "video"), default="auto",
+                     help="video: detector + tracker (for propagate); auto: video when the file has a tracker")
+    imp.add_argument("--preset", help="the architecture of a configs/model preset instead of SAM3's (tests)")
 
     phantom = sub.add_parser("phantom", help="write the synthetic CT phantom dataset (MSD layout)")
     phantom.add_argument("output", metavar="OUTPUT")
@@ -142,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipelines.export import export_run
 
             cfg = load_config("export", args.overrides)
-            print(f"exported to {export_run(args.run_dir, args.out_dir, cfg.tracker, cfg.allow_random_tracker)}")
+            out = export_run(args.run_dir, args.out_dir, cfg.tracker, cfg.allow_random_tracker, cfg.merge)
+            print(f"exported to {out}")
         elif args.command == "predict":
             from medsam3.inference import inference_config
             from pipelines.predict import run_predict
 
             cfg = inference_config(args.overrides + ([f"mode={args.mode}"] if args.mode else []), args.config)
-            summary = run_predict(args.input, args.prompt, args.checkpoint, args.out, cfg, boxes=args.box)
+            summary = run_predict(args.input, args.prompt, args.checkpoint, args.out, cfg, boxes=args.box,
+                                  adapter=args.adapter)
             for entry in summary["prompts"]:
                 size = f"{entry['volume_ml']} ml" if "volume_ml" in entry else f"{entry['pixels']} px"
                 flag = "  (not a training prompt)" if not entry["in_vocabulary"] else ""
@@ -171,12 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {report}")
         elif args.command == "serve":
             from serve.guard import ApiKeys
-            from serve.run import parse_checkpoints, serve_config, start
+            from serve.run import parse_adapters, parse_checkpoints, serve_config, start
 
-            checkpoints = parse_checkpoints(args.checkpoint)
-            url = start(checkpoints, args.port, args.host, args.address, args.config)
+            checkpoints, adapters = parse_checkpoints(args.checkpoint), parse_adapters(args.adapter)
+            url = start(checkpoints, args.port, args.host, args.address, args.config, adapters=adapters)
             first = next(iter(checkpoints))
-            print(f"serving {', '.join(checkpoints)} at {url}  (web page: {url}/, API docs: {url}/docs)")
+            print(f"serving {', '.join([*checkpoints, *adapters])} at {url}  (web page: {url}/, API docs: {url}/docs)")
             auth = serve_config(args.config)["applications"][0]["args"]["settings"].get("auth")
             if ApiKeys.configured(auth):
                 print("authentication: on (send Authorization: Bearer KEY to /v1/*)")
@@ -196,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from ray import serve
 
                     serve.shutdown()
+        elif args.command == "import":
+            from medsam3.meta_import import import_checkpoint, summary
+
+            report = import_checkpoint(args.weights, args.out_dir, args.bpe, args.kind, args.preset)
+            print(summary(report))
+            print(f"imported to {args.out_dir} (report: {args.out_dir}/import_report.json)")
         elif args.command == "phantom":
             from medsam3.phantom import write_phantom_dataset
 

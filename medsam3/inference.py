@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from medsam3.adapters import AdapterError, AdapterSet
 from medsam3.config import load_config
 from medsam3.io import storage
 from medsam3.io.case import Case
@@ -191,6 +193,11 @@ def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
     return set(prompts) if prompts else None
 
 
+def adapter_prompts(adapter: str | os.PathLike, base: set[str] | None) -> set[str] | None:
+    """The prompts a LoRA adapter was trained on (its export's ``medsam3_export.json``), else its base's."""
+    return trained_prompts(adapter) or base
+
+
 class Preprocessor:
     """Scans → :class:`SliceItem` with ``prepare``'s pixels (needs no model: serve's ingress uses it)."""
 
@@ -274,9 +281,12 @@ class Preprocessor:
 
 
 class Segmenter:
-    """A SAM3 checkpoint ready for prompt-driven inference."""
+    """A SAM3 checkpoint ready for prompt-driven inference; with ``adapters`` ({name: LoRA
+    adapter folder}, see :mod:`medsam3.adapters`), calls name the adapter to run with (None:
+    the base), at most ``max_adapters`` of them kept loaded."""
 
-    def __init__(self, checkpoint: str | os.PathLike, cfg: DictConfig | None = None, device: str | None = None):
+    def __init__(self, checkpoint: str | os.PathLike, cfg: DictConfig | None = None, device: str | None = None,
+                 adapters: Mapping[str, str | os.PathLike] | None = None, max_adapters: int = 8):
         from transformers import AutoTokenizer, Sam3Model
         from transformers.utils import logging as hf_logging
 
@@ -304,6 +314,25 @@ class Segmenter:
         self.plans = checkpoint_plans(checkpoint, self.cfg.prepare)
         self.prep = Preprocessor(self.plans)
         self.trained_prompts = trained_prompts(checkpoint)
+        self.adapters = AdapterSet(self.model, adapters, max_adapters) if adapters else None
+
+    def using(self, adapter: str | None) -> AbstractContextManager:
+        """Model calls inside run with ``adapter`` (None: the base); serialised between threads
+        when adapters are configured."""
+        if adapter is None and self.adapters is None:
+            return nullcontext()
+        return self._adapter_set(adapter).using(adapter)
+
+    def prompts_of(self, adapter: str | None) -> set[str] | None:
+        """The prompts the base (None) or an adapter was trained on (None: unknown)."""
+        if adapter is None:
+            return self.trained_prompts
+        return adapter_prompts(self._adapter_set(adapter).folder(adapter), self.trained_prompts)
+
+    def _adapter_set(self, adapter: str | None) -> AdapterSet:
+        if self.adapters is None:
+            raise AdapterError(f"adapter {adapter!r}: {self.checkpoint} was loaded without adapters")
+        return self.adapters
 
     def window(self, prompt: str, modality: str | None) -> str:
         return self.prep.window(prompt, modality)
@@ -321,21 +350,23 @@ class Segmenter:
     @torch.inference_mode()
     def run_squares(self, squares: np.ndarray, prompts: Sequence[str], boxes: np.ndarray | None = None):
         """Model outputs for stored squares (B, S, S, 3) uint8, one prompt per square; ``boxes``:
-        (B, 4) xyxy in square pixels, rows of NaN for no box."""
-        return self._decode(self._vision(squares), list(prompts), boxes, squares.shape[1])
+        (B, 4) xyxy in square pixels, rows of NaN for no box. The base model (adapters: see run_items)."""
+        with self.using(None):
+            return self._decode(self._vision(squares), list(prompts), boxes, squares.shape[1])
 
     @torch.inference_mode()
-    def run_items(self, items: Sequence[SliceItem]) -> list[SliceAnswer]:
-        """Answers for any items (of one scan or of many requests): the vision backbone runs once
-        per distinct square (``square_key``), the decoder once per item."""
+    def run_items(self, items: Sequence[SliceItem], adapter: str | None = None) -> list[SliceAnswer]:
+        """Answers for any items (of one scan or of many requests), with ``adapter`` or the base:
+        the vision backbone runs once per distinct square (``square_key``), the decoder once per item."""
         keys = list(dict.fromkeys(item.square_key for item in items))
         where = {key: i for i, key in enumerate(keys)}
         first = {item.square_key: item.square for item in reversed(items)}
-        vision = self._vision([first[key] for key in keys])
-        vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
         boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
-        # boxes are in the stored square's pixels, whatever size the item's square was shipped at
-        outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep.square)
+        with self.using(adapter):
+            vision = self._vision([first[key] for key in keys])
+            vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
+            # boxes are in the stored square's pixels, whatever size the item's square was shipped at
+            outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep.square)
         answers: list[SliceAnswer | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}  # items whose planes share a size map back together
         for i, item in enumerate(items):
@@ -380,7 +411,7 @@ class Segmenter:
     # --- scans (predict) -------------------------------------------------------------------
 
     def segment(self, case: Case, prompts: Sequence[str], boxes: Sequence | None = None,
-                progress: bool = False, mode: str = "slices") -> list[PromptResult]:
+                progress: bool = False, mode: str = "slices", adapter: str | None = None) -> list[PromptResult]:
         """Segment every prompt on a 2D image or a whole volume.
 
         ``boxes[i]`` goes with ``prompts[i]``: ``"x0,y0,x1,y1[@z=N]"`` or four numbers in the plane's
@@ -389,14 +420,16 @@ class Segmenter:
         slice, or with ``@z=N`` to slice N only). ``mode="propagate"`` (3D, a checkpoint with a
         tracker): a prompt with a box seeded on slice N is tracked from there to both ends, a
         text-only prompt runs as detector-started clips (see :mod:`medsam3.propagate`).
+        ``adapter``: the LoRA adapter to segment with (None: the base).
         """
         request = prompt_request(prompts, boxes or ())
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         intensity = self.prep.intensity(case)
-        results = self.prep.results(case, request.prompts, request.boxes, self.trained_prompts)
+        results = self.prep.results(case, request.prompts, request.boxes, self.prompts_of(adapter))
         if mode == "propagate" and case.is_3d:
-            self.propagate(case, request, results, intensity)
+            with self.using(adapter):  # the whole video: the adapter must not change mid-volume
+                self.propagate(case, request, results, intensity)
             return results
         count, batch = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
         starts = range(0, count, batch)
@@ -407,7 +440,7 @@ class Segmenter:
         for start in starts:
             items = self.prep.items(case, request.prompts, request.boxes, range(start, min(start + batch, count)),
                                     intensity, instances=not case.is_3d, slices=request.slices)
-            self.prep.fill(case, results, items, self.run_items(items))
+            self.prep.fill(case, results, items, self.run_items(items, adapter))
         return results
 
     def propagate(self, case: Case, request: PromptRequest, results: list[PromptResult],

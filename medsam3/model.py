@@ -74,20 +74,21 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return folder
 
 
-def parse_checkpoints(specs: list[str] | tuple[str, ...], first_name: str | None = None) -> dict[str, str]:
+def parse_checkpoints(specs: list[str] | tuple[str, ...], first_name: str | None = None,
+                      what: str = "checkpoint") -> dict[str, str]:
     """``DIR`` or ``NAME=DIR`` → {name: absolute folder or s3:// URI}, in the given order. A name
     defaults to the folder's name (the first one's to ``first_name`` when given); ValueError for
-    no checkpoint or two with one name."""
+    none or two with one name (``what``: the option's name, for the message)."""
     found: dict[str, str] = {}
     for spec in specs:
         name, folder = storage.split_name(spec)
         path = folder if storage.is_remote(folder) else str(Path(folder).absolute())
         name = name or (first_name if first_name and not found else storage.name(path))
         if name in found:
-            raise ValueError(f"two checkpoints named {name!r}: use NAME=DIR to tell them apart")
+            raise ValueError(f"two {what}s named {name!r}: use NAME=DIR to tell them apart")
         found[name] = path
     if not found:
-        raise ValueError("give at least one --checkpoint")
+        raise ValueError(f"give at least one --{what}")
     return found
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from medsam3.adapters import AdapterError
 from medsam3.errors import StageError
 from medsam3.inference import Preprocessor, PromptResult, Segmenter, prompt_request
 from medsam3.io import storage
@@ -103,14 +104,18 @@ def write_outputs(scan: Scan, results: Sequence[PromptResult], prep: Preprocesso
 
 def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoint: str | os.PathLike,
                 out_dir: str | os.PathLike, cfg: DictConfig, boxes: Sequence[str] = (),
-                progress: bool = True) -> dict[str, Any]:
-    """Segment one scan and write its outputs; returns the summary."""
+                progress: bool = True, adapter: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Segment one scan (with the LoRA ``adapter`` folder applied to ``checkpoint`` when given)
+    and write its outputs; returns the summary."""
     try:
         prompt_request(prompts, boxes)  # refused before the model loads
     except ValueError as exc:
         raise PredictError(f"--prompt/--box: {exc}") from exc
+    name = None if adapter is None else storage.name(adapter)
     try:
-        segmenter = Segmenter(checkpoint, cfg)
+        segmenter = Segmenter(checkpoint, cfg, adapters=None if adapter is None else {name: adapter})
+    except AdapterError as exc:
+        raise PredictError(str(exc)) from exc
     except CheckpointError as exc:
         raise PredictError(f"checkpoint: {exc}") from exc
     try:
@@ -118,11 +123,15 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
     except CaseError as exc:
         raise PredictError(str(exc)) from exc
     try:
-        results = segmenter.segment(scan.case, prompts, boxes, progress=progress, mode=str(cfg.mode))
+        results = segmenter.segment(scan.case, prompts, boxes, progress=progress, mode=str(cfg.mode), adapter=name)
+    except AdapterError as exc:  # it does not fit the base
+        raise PredictError(str(exc)) from exc
     except (ValueError, CheckpointError) as exc:
         raise PredictError(f"{storage.name(input_path)}: {exc}") from exc
     with staged_output(out_dir) as staging:
         files = write_outputs(scan, results, segmenter.prep, cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
+        if adapter is not None:
+            summary["adapter"] = name
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,6 +1,7 @@
-"""What each Ray Train worker runs: full fine-tuning of SAM3 under DeepSpeed ZeRO-3, as a recipe.
+"""What each Ray Train worker runs: fine-tuning of SAM3 under DeepSpeed (full, or LoRA), as a recipe.
 
-``FullFinetuneRecipe`` reads the run's settings once, sets up the model, tokenizer and engine,
+``FinetuneRecipe`` reads the run's settings once, sets up the model (every weight trained, or
+LoRA adapters: ``train.method``), tokenizer and engine (ZeRO stage ``train.zero_stage``),
 restores the latest checkpoint (weights, optimizer, step, each rank's torch RNG), then ``train``
 streams the worker's shard, augments each sample from its own seeded stream, steps, validates
 over every rank and checkpoints. The driver (``pipelines/train.py``) starts it on every worker.
@@ -26,13 +27,13 @@ from pipelines.settings import TrainError, TrainSettings
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    recipe = FullFinetuneRecipe(config)
+    recipe = FinetuneRecipe(config)
     recipe.setup()
     recipe.train()
     recipe.save_probe_outputs()
 
 
-class FullFinetuneRecipe:
+class FinetuneRecipe:
     def __init__(self, config: dict[str, Any]):
         import ray.train
 
@@ -76,12 +77,17 @@ class FullFinetuneRecipe:
             from medsam3.video import build_video_model
 
             model = build_video_model(self.settings.preset, self.settings.model_path, Sam3VideoForClipTraining)
-            model.register_zero3_parameters()
+            if self.settings.zero_stage == 3:
+                model.register_zero3_parameters()
             detector = model.detector_model
         else:
             model = detector = build_model(self.settings.preset, self.settings.model_path)
         if self.settings.activation_checkpointing:
             enable_activation_checkpointing(detector)
+        if self.settings.method == "lora":  # adapters injected into the (checkpointed) layers in place
+            from medsam3.lora import apply_lora
+
+            model = apply_lora(model, self.settings.lora)
         return model.train()
 
     def setup_tokenizer(self):
@@ -95,9 +101,11 @@ class FullFinetuneRecipe:
     def setup_engine(self, model) -> None:
         import deepspeed
 
+        from medsam3.lora import lora_param_groups
         from medsam3.optim import inverse_sqrt_schedule, param_groups
 
-        optimizer = torch.optim.AdamW(param_groups(model, self.settings.optim))
+        groups = lora_param_groups if self.settings.method == "lora" else param_groups
+        optimizer = torch.optim.AdamW(groups(model, self.settings.optim))
         scheduler = inverse_sqrt_schedule(optimizer, self.settings.optim, self.settings.max_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.settings.deepspeed_config())
@@ -204,7 +212,7 @@ class FullFinetuneRecipe:
                 "lr": self.scheduler.get_last_lr()[-1] if self.scheduler else 0.0,
                 "samples_per_s": s.batch_size * self.world / seconds,
                 "frames_per_s": s.frames_per_batch * self.world / seconds,
-                "step_s": step_s, "data_wait_s": data_wait + augment_s,
+                "step_s": step_s, "data_wait_s": data_wait + augment_s, "peak_memory_mb": peak_memory_mb(),
                 "dtype": str(detector.pred_logits.dtype).removeprefix("torch."),
                 **{k: float(v) for k, v in terms.items()}, **extra,
                 "train_dice": float(np.mean(merged_dice(detector, rows["mask"], s.threshold))),
@@ -278,6 +286,16 @@ class FullFinetuneRecipe:
             torch.save({"pred_logits": out.pred_logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()},
                        buffer)
             storage.write_bytes(storage.join(self.run_dir, "probe_outputs.pt"), buffer.getvalue())
+
+
+def peak_memory_mb() -> float:
+    """This worker's peak memory so far: the GPU's allocated memory, or on CPU the process's peak
+    resident set (model state, activations and everything else the process holds)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from pipelines.train_data import Augmentation
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MODES = ("images", "clips")
+METHODS = ("full", "lora")
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 class TrainError(StageError):
@@ -27,6 +29,9 @@ class TrainError(StageError):
 @dataclass(frozen=True)
 class TrainSettings:
     mode: str  # images | clips
+    method: str  # full | lora
+    zero_stage: int  # resolved: 0 (plain data parallel) .. 3
+    lora: dict[str, Any]
     clip_length: int
     preset: str | None
     model_path: str | None
@@ -73,8 +78,17 @@ class TrainSettings:
         mode = str(t.mode)
         if mode not in MODES:
             raise TrainError(f"train.mode={mode!r}: expected one of {', '.join(MODES)}")
+        method = str(t.get("method", "full"))
+        if method not in METHODS:
+            raise TrainError(f"train.method={method!r}: expected one of {', '.join(METHODS)}")
+        stage = t.get("zero_stage", "auto")
+        stage = (3 if method == "full" else 0) if stage in (None, "auto") else stage
+        if stage not in ZERO_STAGES:
+            raise TrainError(f"train.zero_stage={stage!r}: expected auto or one of 0, 1, 2, 3")
         settings = cls(
-            mode=mode, clip_length=int(t.clip_length),
+            mode=mode, method=method, zero_stage=int(stage),
+            lora=OmegaConf.to_container(t.lora, resolve=True) if "lora" in t else {},
+            clip_length=int(t.clip_length),
             preset=cfg.model.preset, model_path=cfg.model.path, bpe_path=cfg.model.bpe_path,
             num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), precision=resolved,
             cpus_per_worker=float(t.cpus_per_worker), activation_checkpointing=bool(t.activation_checkpointing),
@@ -114,16 +128,26 @@ class TrainSettings:
         if self.mode == "clips" and self.model_path is None and "tracker" not in preset(self.preset):
             raise TrainError(f"train.mode=clips: model.preset={self.preset} has no tracker "
                              "(configs/model/tiny_video.yaml and sam3.yaml have one)")
+        if self.method == "lora" and self.model_path is None:
+            raise TrainError("train.method=lora adapts a trained model: set model.path to a checkpoint "
+                             "folder (LoRA on random preset weights would train adapters on noise)")
+        if self.method == "lora" and self.mode == "clips":
+            raise TrainError("train.method=lora with train.mode=clips: LoRA adapts the detector on images "
+                             "(train.mode=images); clip training fine-tunes detector and tracker in full")
+        if self.method == "lora" and int(self.lora.get("r", 0)) <= 0:
+            raise TrainError(f"train.lora.r={self.lora.get('r')}: the adapters' rank must be positive")
         if self.model_path is None and self.preset is None:
             raise TrainError("model.preset and model.path are both null: name a preset or a checkpoint folder")
 
     def deepspeed_config(self) -> dict[str, Any]:
+        """DeepSpeed's configuration: ZeRO stage ``zero_stage`` (0: plain data parallel, gradients
+        all-reduced; 1: optimizer state sharded; 2: and gradients; 3: and parameters)."""
+        gather_on_save = {"stage3_gather_16bit_weights_on_model_save": True} if self.zero_stage == 3 else {}
         return {
             "train_micro_batch_size_per_gpu": self.batch_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.gradient_clipping,
-            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                                  **self.zero_optimization},
+            "zero_optimization": {"stage": self.zero_stage, **gather_on_save, **self.zero_optimization},
             "bf16": {"enabled": self.precision == "bf16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,

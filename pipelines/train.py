@@ -1,9 +1,9 @@
-"""``medsam3 train``: full fine-tuning of SAM3 with Ray Train driving DeepSpeed ZeRO-3 (the driver).
+"""``medsam3 train``: fine-tuning of SAM3 with Ray Train driving DeepSpeed (ZeRO-3 by default): the driver.
 
 1. check the settings, the shards and the cluster; split cases into train/validation (whole
    cases, seeded) and record the split in the run folder;
 2. build the Ray Data pipelines and start a ``TorchTrainer`` whose workers run
-   :class:`pipelines.recipe.FullFinetuneRecipe` (model, engine, checkpoints, validation);
+   :class:`pipelines.recipe.FinetuneRecipe` (model, engine, checkpoints, validation);
 3. log rank 0's metrics per step (``metrics.jsonl`` and one progress line) and plot the curves.
 A run started again with the same RUN_DIR resumes from its latest checkpoint. RUN_DIR may be an
 ``s3://`` URI: Ray Train keeps checkpoints there, and the run's files are uploaded at each checkpoint.

@@ -6,6 +6,11 @@
                      SegmentModel replicas (@serve.multiplexed checkpoints, @serve.batch: items of
                      concurrent requests go through the model together; autoscaled)
 
+A LoRA adapter (``adapters``: {name: folder}) rides on the default checkpoint: its requests are
+routed to the replicas holding that checkpoint, which switch adapters per batch group
+(``medsam3.adapters``: loaded on first use, LRU-evicted beyond ``max_adapters``, the base never
+reloaded).
+
 Both sides use ``medsam3.inference`` (Preprocessor on the ingress, Segmenter.run_items on the
 replicas), the same code path as ``medsam3 predict`` and ``evaluate``. ``build_app`` is the
 application builder that ``configs/serve.yaml`` (``serve run`` / ``serve deploy`` / KubeRay's
@@ -44,6 +49,13 @@ ACCEPT = {"application/json": "json", "application/gzip": "nifti", "application/
           "application/dicom": "dicom-seg", "image/png": "png"}
 
 
+def served_models(checkpoints: dict[str, str], adapters: dict[str, str]) -> dict[str, tuple[str, str | None]]:
+    """Every model id a request may name → (the checkpoint id replicas load, the adapter or None);
+    adapters ride on the default (first) checkpoint."""
+    default = next(iter(checkpoints))
+    return {**{name: (name, None) for name in checkpoints}, **{name: (default, name) for name in adapters}}
+
+
 def _inference_cfg(settings: dict[str, Any]):
     from medsam3.inference import inference_config
 
@@ -56,10 +68,14 @@ def _inference_cfg(settings: dict[str, Any]):
 
 @serve.deployment(name="SegmentModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class SegmentModel:
-    """One replica: up to ``max_models`` checkpoints loaded (LRU), items answered in batches."""
+    """One replica: up to 4 checkpoints loaded (LRU), the default one with its adapters (up to
+    ``max_adapters`` loaded), items answered in batches."""
 
-    def __init__(self, checkpoints: dict[str, str], settings: dict[str, Any]):
+    def __init__(self, checkpoints: dict[str, str], settings: dict[str, Any], adapters: dict[str, str]):
         self.checkpoints = checkpoints
+        self.adapters = adapters
+        self.served = served_models(checkpoints, adapters)
+        self.max_adapters = int(settings.get("max_adapters", 8))
         self.cfg = _inference_cfg(settings)
         self.failures = 0
 
@@ -70,9 +86,12 @@ class SegmentModel:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_segmenter(self, model_id: str):
+        """The Segmenter of checkpoint ``model_id`` (the multiplexed id: requests for an adapter
+        carry its base's id, so they reach replicas that hold the base)."""
         from medsam3.inference import Segmenter
 
-        return Segmenter(self.checkpoints[model_id], self.cfg)
+        adapters = self.adapters if model_id == next(iter(self.checkpoints)) else None
+        return Segmenter(self.checkpoints[model_id], self.cfg, adapters=adapters, max_adapters=self.max_adapters)
 
     async def run(self, model_id: str, item):
         return await self.run_batch(model_id, item)
@@ -80,11 +99,12 @@ class SegmentModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def run_batch(self, model_ids: list[str], items: list) -> list:
         answers: list = [None] * len(items)
-        for model_id in dict.fromkeys(model_ids):
+        for model_id in dict.fromkeys(model_ids):  # one group per (checkpoint, adapter)
             picked = [i for i, m in enumerate(model_ids) if m == model_id]
-            segmenter = await self.get_segmenter(model_id)
+            base, adapter = self.served[model_id]
+            segmenter = await self.get_segmenter(base)
             try:  # off the event loop, so requests keep queueing into the next batch meanwhile
-                done = await asyncio.to_thread(segmenter.run_items, [items[i] for i in picked])
+                done = await asyncio.to_thread(segmenter.run_items, [items[i] for i in picked], adapter)
             except Exception:
                 self.failures += 1
                 raise
@@ -96,8 +116,9 @@ class SegmentModel:
     async def propagate(self, model_id: str, case, prompts: list[str], boxes: list[str | None]) -> list:
         """A whole volume propagated with the checkpoint's tracker (not batched: a volume is one
         sequential video), off the event loop."""
-        segmenter = await self.get_segmenter(model_id)
-        return await asyncio.to_thread(segmenter.segment, case, prompts, boxes, False, "propagate")
+        base, adapter = self.served[model_id]
+        segmenter = await self.get_segmenter(base)
+        return await asyncio.to_thread(segmenter.segment, case, prompts, boxes, False, "propagate", adapter)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose model calls keep failing (e.g. a broken GPU)."""
@@ -116,8 +137,9 @@ BYTES_PER_VOXEL = 8
 @serve.deployment(name="SegmentAPI", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class SegmentAPI:
-    def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any]):
-        from medsam3.inference import Preprocessor, checkpoint_image_size, trained_prompts
+    def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any],
+                 adapters: dict[str, str]):
+        from medsam3.inference import Preprocessor, adapter_prompts, checkpoint_image_size, trained_prompts
         from medsam3.plans import checkpoint_plans
         from medsam3.video import checkpoint_type
 
@@ -134,6 +156,12 @@ class SegmentAPI:
                       for name, path in checkpoints.items()}
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
         self.trackers = {name: checkpoint_type(path) == "sam3_video" for name, path in checkpoints.items()}
+        # an adapter answers with its base's preprocessing and modes
+        self.adapters = adapters
+        self.served = served_models(checkpoints, adapters)
+        for name, path in adapters.items():
+            self.preps[name], self.trackers[name] = self.preps[self.default], self.trackers[self.default]
+            self.trained[name] = adapter_prompts(path, self.trained[self.default])
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
             logger.warning("MedSAM3 endpoint: authentication is OFF, anyone who can reach it may send scans to "
@@ -160,14 +188,19 @@ class SegmentAPI:
             await asyncio.wait_for(self.model.check_health.remote(), timeout=10)
         except Exception as exc:
             return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
-        return JSONResponse({"status": "ready", "models": list(self.checkpoints)})
+        return JSONResponse({"status": "ready", "models": list(self.served)})
 
     @api.get("/v1/models")
     def models(self) -> dict:
-        return {"default": self.default, "models": [
-            {"id": name, "checkpoint": Path(path).name, "trained_prompts": sorted(self.trained[name] or []),
-             "modes": ["slices", "propagate"] if self.trackers[name] else ["slices"]}
-            for name, path in self.checkpoints.items()]}
+        """Checkpoints, then adapters (``base``: the checkpoint id an adapter rides on)."""
+        listed = []
+        for name, (base, adapter) in self.served.items():
+            entry = {"id": name, "checkpoint": Path(self.checkpoints[base]).name}
+            if adapter is not None:
+                entry |= {"base": base, "adapter": Path(self.adapters[adapter]).name}
+            listed.append(entry | {"trained_prompts": sorted(self.trained[name] or []),
+                                   "modes": ["slices", "propagate"] if self.trackers[name] else ["slices"]})
+        return {"default": self.default, "models": listed}
 
     @api.post("/v1/segment")
     async def segment(
@@ -181,8 +214,8 @@ class SegmentAPI:
         mode: Annotated[str, Form(description="volumes: slices (each on its own) or propagate (the "
                                               "checkpoint's tracker; see /v1/models)")] = "slices",
         format: Annotated[str | None, Form(description="json (default), nifti, dicom-seg or png")] = None,
-        model: Annotated[str | None, Form(description="checkpoint id (or the serve_multiplexed_model_id "
-                                                      "header)")] = None,
+        model: Annotated[str | None, Form(description="checkpoint or adapter id, see /v1/models (or the "
+                                                      "serve_multiplexed_model_id header)")] = None,
         preview: Annotated[bool, Form(description="json only: add the slices as PNG (for the web page)")] = False,
         multiplexed: Annotated[str | None, Header(alias="serve_multiplexed_model_id",
                                                   convert_underscores=False)] = None,
@@ -199,7 +232,7 @@ class SegmentAPI:
         from medsam3.io.scan import declared_shape, read_scan
 
         model_id = model_id or self.default
-        if model_id not in self.checkpoints:
+        if model_id not in self.served:
             return JSONResponse({"detail": f"unknown model {model_id!r}; see /v1/models"}, status_code=404)
         fmt = fmt or ACCEPT.get(request.headers.get("accept", "").split(",")[0].strip(), "json")
         if fmt not in FORMATS:
@@ -250,14 +283,14 @@ class SegmentAPI:
         outside = [z for z in checked.slices if z is not None and z >= depth]
         if outside:
             raise UploadError(422, f"box slice z={outside[0]} is outside the volume's {depth} slices")
-        handle = self.model.options(multiplexed_model_id=model_id)
+        handle = self.model.options(multiplexed_model_id=self.served[model_id][0])
         return await handle.propagate.remote(model_id, case, checked.prompts, list(boxes))
 
     async def _run(self, case, checked, model_id):
         prep = self.preps[model_id]
         intensity = prep.intensity(case)
         results = prep.results(case, checked.prompts, checked.boxes, self.trained[model_id])
-        handle = self.model.options(multiplexed_model_id=model_id)
+        handle = self.model.options(multiplexed_model_id=self.served[model_id][0])  # the replicas with its base
         count, chunk = prep.num_slices(case), max(1, int(self.cfg.batch_size))
         for start in range(0, count, chunk):  # a volume streams through in chunks of slices
             items = await asyncio.to_thread(prep.items, case, checked.prompts, checked.boxes,
@@ -284,7 +317,7 @@ class SegmentAPI:
         if fmt == "png":
             path = overlay_figure(scan, results, self.preps[model_id], self.cfg, folder / "overlay.png")
             return Response(path.read_bytes(), media_type=FORMATS[fmt])
-        summary = summarize(scan, results, self.checkpoints[model_id], float(self.cfg.threshold))
+        summary = summarize(scan, results, self.checkpoints[self.served[model_id][0]], float(self.cfg.threshold))
         axis = self.preps[model_id].axis
         body = {"model": model_id, "shape": planes_shape(scan, axis), "masks": []}
         for entry, result in zip(summary["prompts"], results, strict=True):
@@ -297,18 +330,25 @@ class SegmentAPI:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder. ``args``: ``checkpoints`` ({id: directory}, the first is the
-    default), ``settings`` (upload limits; ``inference`` overrides of configs/predict.yaml) and,
-    from ``medsam3 serve``, ``deployment_options`` ({deployment name: options}) taken from the
-    Serve config's ``deployments`` section (``serve run`` applies that section itself)."""
+    default), ``adapters`` ({id: LoRA adapter directory} on the default checkpoint), ``settings``
+    (upload limits, ``max_adapters``; ``inference`` overrides of configs/predict.yaml) and, from
+    ``medsam3 serve``, ``deployment_options`` ({deployment name: options}) taken from the Serve
+    config's ``deployments`` section (``serve run`` applies that section itself)."""
+    from medsam3.adapters import check_adapters
     from medsam3.model import check_checkpoint
 
     checkpoints = {str(k): str(v) for k, v in dict(args.get("checkpoints") or {}).items()}
+    adapters = {str(k): str(v) for k, v in dict(args.get("adapters") or {}).items()}
     if not checkpoints:
         raise ValueError("serve needs at least one checkpoint (args.checkpoints)")
+    clash = sorted(set(adapters) & set(checkpoints))
+    if clash:
+        raise ValueError(f"adapter and checkpoint ids must differ: {', '.join(clash)} named twice")
     for path in checkpoints.values():
         check_checkpoint(path)
+    check_adapters(adapters, next(iter(checkpoints.values())))  # a bad folder stops here, not in a replica
     settings = OmegaConf.to_container(OmegaConf.create(args.get("settings") or {}), resolve=True)
     options = args.get("deployment_options") or {}
     model = SegmentModel.options(**options.get("SegmentModel", {}))
     ingress = SegmentAPI.options(**options.get("SegmentAPI", {}))
-    return ingress.bind(model.bind(checkpoints, settings), checkpoints, settings)
+    return ingress.bind(model.bind(checkpoints, settings, adapters), checkpoints, settings, adapters)

@@ -242,3 +242,27 @@ class WorkerKiller(threading.Thread):
                         self.killed.append(proc.info["pid"])
                         break
             time.sleep(0.2)
+
+
+# The linears a test adapter adapts (tiny SAM3): attention and MLP of the vision trunk and the DETR decoder.
+LORA_TARGETS = (r".*(vision_encoder\.backbone|detr_decoder)\.layers\.\d+\.(attention|self_attn|mlp)"
+                r"\.(q_proj|v_proj|fc1|fc2)")
+
+
+def lora_adapter(checkpoint: Path, folder: Path, seed: int, scale: float = 0.1) -> Path:
+    """A rank-4 LoRA adapter of ``checkpoint``'s detector written by peft's ``save_pretrained``,
+    with random ``lora_B`` (fixed seed; peft starts it at zero) so that it changes the masks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medsam3.model import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_peft_model(build_model(path=checkpoint), LoraConfig(r=4, target_modules=LORA_TARGETS))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, scale)
+    model.save_pretrained(folder)
+    return folder

@@ -1,7 +1,8 @@
 """`medsam3 serve`: a real local Ray + Serve on loopback, called over HTTP with a real client.
 
 The answers must equal `medsam3 predict` on the same input and checkpoint (one code path); two
-checkpoints are multiplexed behind one endpoint; concurrent requests with different images each
+checkpoints are multiplexed behind one endpoint, and two LoRA adapters ride on the default one,
+each answering as its own `predict --adapter`; concurrent requests with different images each
 get their own image's answer; bad and hostile inputs get clear 4xx answers before memory is
 spent and leave the server healthy; /v1 needs an API key that never reaches a log; every Ray
 process listens on loopback only; the API survives fuzzing from its own OpenAPI schema; the web
@@ -45,6 +46,7 @@ from tests.builders import (
     SERVE_LIMITS,
     big_png,
     load_recist,
+    lora_adapter,
     nifti_claiming,
     uint8_to_hu,
     write_ct_series,
@@ -79,7 +81,15 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoints, clip_trained, s3_endpoint, tmp_path_factory):
+def adapters(checkpoints, tmp_path_factory):
+    """Two LoRA adapters (peft's folders, different random weights) of checkpoint "a", the default."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: lora_adapter(checkpoints["a"], root / name, seed)
+            for name, seed in (("liver-siteA", 1), ("lung-siteB", 2))}
+
+
+@pytest.fixture(scope="module")
+def url(checkpoints, adapters, clip_trained, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from medsam3.io import storage
@@ -94,7 +104,8 @@ def url(checkpoints, clip_trained, s3_endpoint, tmp_path_factory):
     keys.write_text(f"# test keys\n{KEY}\n")
     address = start(served, port=free_port(), overrides={"SegmentModel": one_replica},
                     settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint},
-                              "auth": {"api_keys_file": str(keys)}})
+                              "auth": {"api_keys_file": str(keys)}},
+                    adapters={name: str(path) for name, path in adapters.items()})
     yield address
     serve.shutdown()
 
@@ -122,8 +133,12 @@ def test_health_models_and_docs(url):
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
     models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
-    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b", "v"]
-    assert [m["modes"] for m in models["models"]] == [["slices"], ["slices"], ["slices", "propagate"]]
+    assert models["default"] == "a"
+    assert [m["id"] for m in models["models"]] == ["a", "b", "v", "liver-siteA", "lung-siteB"]
+    assert [m["modes"] for m in models["models"]] == [["slices"], ["slices"], ["slices", "propagate"], ["slices"],
+                                                      ["slices"]]
+    assert [(m.get("base"), m.get("adapter")) for m in models["models"][2:]] == [
+        (None, None), ("a", "liver-siteA"), ("a", "lung-siteB")]
     assert "/v1/segment" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert "<canvas" in requests.get(f"{url}/", timeout=10).text
 
@@ -187,6 +202,37 @@ def test_two_checkpoints_behind_one_endpoint(url, checkpoints, tmp_path):
     run_predict(PNG, ["liver"], checkpoints["b"], tmp_path / "b", predict_cfg(), progress=False)
     assert np.array_equal(by_field["b"], np.asarray(Image.open(tmp_path / "b" / "1_liver.png")) > 0)
     assert post(url, PNG, model="nope").status_code == 404
+
+
+def test_lora_adapters_behind_one_endpoint_answer_as_their_own_predict(url, checkpoints, adapters, tmp_path):
+    """The base and two LoRA adapters of it, two different CT slices, interleaved and all at once
+    (items of several adapters in one batch): each answer equals `medsam3 predict` of that image
+    with that adapter (or none). The adapters' masks differ from the base's and from each other's
+    far beyond the batching tolerance, so an answer from a wrong adapter would show."""
+    images = [SAMMED2D / "images" / name for name in ("amos_0004_75.png", "amos_0006_90.png")]
+    models = ["a", *adapters]
+    expected = {}
+    for model in models:
+        for i, image in enumerate(images):
+            summary = run_predict(image, ["liver"], checkpoints["a"], tmp_path / f"{model}{i}", predict_cfg(),
+                                  progress=False, adapter=adapters.get(model))
+            assert summary.get("adapter") == (None if model == "a" else model)
+            expected[model, i] = np.asarray(Image.open(tmp_path / f"{model}{i}" / "1_liver.png")) > 0
+    for i in range(len(images)):
+        base, first, second = (expected[model, i] for model in models)
+        assert min(np.mean(first != base), np.mean(second != base), np.mean(first != second)) > 0.02
+    order = [(model, i) for model in models for i in range(len(images))] * 4
+    random.Random(5).shuffle(order)
+    with ThreadPoolExecutor(max_workers=len(order)) as pool:
+        answers = list(pool.map(lambda pair: post(url, images[pair[1]], model=pair[0]), order))
+    for (model, i), answer in zip(order, answers, strict=True):
+        assert answer.status_code == 200 and answer.json()["model"] == model, answer.text
+        mask = decode(answer.json()["masks"][0]["rle"][0])
+        # batched and single float32 forward passes agree to rounding (tests/test_batching.py)
+        assert np.mean(mask != expected[model, i]) <= 1e-3, f"{model} on image {i} answered like another model"
+    by_header = post(url, images[0], headers={"serve_multiplexed_model_id": "lung-siteB"}).json()
+    assert by_header["model"] == "lung-siteB"
+    assert np.array_equal(decode(by_header["masks"][0]["rle"][0]), expected["lung-siteB", 0])
 
 
 def zipped(entries: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:

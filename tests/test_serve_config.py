@@ -8,8 +8,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from medsam3.adapters import AdapterError
 from medsam3.config import config_path
-from serve.run import ServeError, app_args, parse_checkpoints, serve_config
+from serve.app import build_app
+from serve.run import ServeError, app_args, parse_adapters, parse_checkpoints, serve_config
 from serve.uploads import UploadError, store_upload, upload_suffix
 
 
@@ -33,6 +35,22 @@ def test_medsam3_serve_keeps_the_config_and_replaces_the_checkpoints(tmp_path):
     assert args["settings"]["max_upload_mb"] > 0
     with pytest.raises(ServeError, match="two checkpoints"):
         parse_checkpoints([f"x={tmp_path}", f"x={tmp_path}"])
+
+
+def test_adapters_are_named_and_checked_before_serving(tiny_checkpoint, tmp_path):
+    adapters = parse_adapters([f"liver-siteA={tmp_path / 'x'}", str(tmp_path / "lung")])
+    assert adapters == {"liver-siteA": str(tmp_path / "x"), "lung": str(tmp_path / "lung")}
+    assert parse_adapters([]) == {} and serve_config()["applications"][0]["args"]["adapters"] == {}
+    with pytest.raises(ServeError, match="two adapters named 'x'"):
+        parse_adapters([f"x={tmp_path}", f"x={tmp_path}"])
+    checkpoints = {"base": str(tiny_checkpoint)}
+    assert app_args(serve_config(), checkpoints, adapters)["adapters"] == adapters
+    assert app_args(serve_config(), checkpoints)["adapters"] == {}  # they rode on the config's checkpoints
+    (tmp_path / "lung").mkdir()
+    with pytest.raises(AdapterError, match=f"adapter {tmp_path / 'lung'}: no adapter_config.json"):
+        build_app({"checkpoints": checkpoints, "adapters": {"lung": str(tmp_path / "lung")}})
+    with pytest.raises(ValueError, match="adapter and checkpoint ids must differ: base"):
+        build_app({"checkpoints": checkpoints, "adapters": {"base": str(tmp_path / "lung")}})
 
 
 def test_uploads_are_stored_under_fixed_names(tmp_path):
