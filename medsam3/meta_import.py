@@ -39,7 +39,7 @@ UNUSED = {
 DETECTOR_ROOTS = ("backbone.", "transformer.", "geometry_encoder.", "segmentation_head.", "dot_prod_scoring.")
 
 
-class ImportError_(StageError):  # noqa: N801 - not the builtin ImportError
+class CheckpointImportError(StageError):
     """The file is not a SAM3 checkpoint in Meta's format, or converting it would leave the model
     partly uninitialised."""
 
@@ -378,7 +378,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     containers are unpickled (``weights_only``): a checkpoint cannot run code here."""
     path = Path(path)
     if not path.is_file():
-        raise ImportError_(f"{path}: no such file")
+        raise CheckpointImportError(f"{path}: no such file")
     try:
         try:
             data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -387,18 +387,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear refusal
-        raise ImportError_(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})".strip()) \
-            from exc
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        raise CheckpointImportError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
     if isinstance(data, Mapping):
         for wrapper in ("model", "state_dict"):
             if isinstance(data.get(wrapper), Mapping):
                 data = data[wrapper]
                 break
     if not isinstance(data, Mapping) or not data:
-        raise ImportError_(f"{path}: holds no state dict (a mapping of names to tensors)")
+        raise CheckpointImportError(f"{path}: holds no state dict (a mapping of names to tensors)")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ImportError_(f"{path}: holds no tensors")
+        raise CheckpointImportError(f"{path}: holds no tensors")
     return tensors
 
 
@@ -428,24 +428,23 @@ def import_checkpoint(weights: str | os.PathLike, out_dir: str | os.PathLike, bp
     from medsam3.model import TEXT_LENGTH, write_clip_tokenizer_files
 
     if kind not in KINDS:
-        raise ImportError_(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise CheckpointImportError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     state = read_checkpoint(weights)
     names = normalise_keys(state)
     if not any(k.startswith("detector.backbone.vision_backbone.trunk.") for k in names):
         sample = ", ".join(list(state)[:3])
-        raise ImportError_(f"{weights}: no SAM3 vision trunk (`detector.backbone.vision_backbone.trunk.*`); "
+        raise CheckpointImportError(f"{weights}: no SAM3 vision trunk (`detector.backbone.vision_backbone.trunk.*`); "
                            f"not a SAM3 checkpoint in Meta's format (its first tensors: {sample})")
     has_tracker = any(k.startswith("tracker.") for k in names)
     video = has_tracker if kind == "auto" else kind == "video"
     if video and not has_tracker:
-        raise ImportError_(f"{weights}: --kind video, but the checkpoint has no `tracker.*` tensors")
+        raise CheckpointImportError(f"{weights}: --kind video, but the checkpoint has no `tracker.*` tensors")
     model = target_model(video, preset_name)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors, report = convert_state(state, expected, video)
     report = {"source": os.fspath(weights), **report}
     if report["problems"]:
-        raise ImportError_(f"{weights}: not imported, nothing written:\n  " + "\n  ".join(report["problems"]),
-                           ) from None
+        raise CheckpointImportError(f"{weights}: not imported, nothing written:\n  " + "\n  ".join(report["problems"]))
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
     report["source_dtypes"] = dict(dtypes)
     # fp32 in the folder (a bf16 release is widened tensor by tensor; training keeps fp32 masters)

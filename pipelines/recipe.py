@@ -212,7 +212,7 @@ class FinetuneRecipe:
                 "lr": self.scheduler.get_last_lr()[-1] if self.scheduler else 0.0,
                 "samples_per_s": s.batch_size * self.world / seconds,
                 "frames_per_s": s.frames_per_batch * self.world / seconds,
-                "step_s": step_s, "data_wait_s": data_wait + augment_s, "peak_memory_mb": peak_memory_mb(),
+                "step_s": step_s, "data_wait_s": data_wait + augment_s, **memory_mb(),
                 "dtype": str(detector.pred_logits.dtype).removeprefix("torch."),
                 **{k: float(v) for k, v in terms.items()}, **extra,
                 "train_dice": float(np.mean(merged_dice(detector, rows["mask"], s.threshold))),
@@ -288,14 +288,19 @@ class FinetuneRecipe:
             storage.write_bytes(storage.join(self.run_dir, "probe_outputs.pt"), buffer.getvalue())
 
 
-def peak_memory_mb() -> float:
-    """This worker's peak memory so far: the GPU's allocated memory, or on CPU the process's peak
-    resident set (model state, activations and everything else the process holds)."""
+def memory_mb() -> dict[str, float]:
+    """This worker's memory after the step (``memory_mb``: what it holds between steps, model and
+    optimizer state above all) and its peak so far (``peak_memory_mb``, setup included): the GPU's
+    allocated memory, or on CPU the process's resident set."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return {"memory_mb": torch.cuda.memory_allocated() / 2**20,
+                "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    import psutil
+
+    return {"memory_mb": psutil.Process().memory_info().rss / 2**20,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
 def rng_state() -> dict[str, torch.Tensor]:

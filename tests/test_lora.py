@@ -79,14 +79,16 @@ def test_lora_run_overfits_keeps_the_base_and_exports_adapter_and_merged_model(
     from pipelines.train import run_train
 
     run_dir = tmp_path / "lora-run"
-    cfg = load_config("train", [*OVERFIT, *LORA, f"model.path={tiny_checkpoint}", "train.max_steps=100",
-                                "train.checkpoint_every=50"])
-    cfg.train.lora.target_modules = DEFAULT_TARGETS + HEADS
-    result = run_train(lesion_shards / "shards", run_dir, cfg)
-    assert result.error is None
+    for steps in (50, 100):  # the second run resumes the first from its checkpoint at step 50
+        cfg = load_config("train", [*OVERFIT, *LORA, f"model.path={tiny_checkpoint}", f"train.max_steps={steps}",
+                                    "train.checkpoint_every=50"])
+        cfg.train.lora.target_modules = DEFAULT_TARGETS + HEADS
+        assert run_train(lesion_shards / "shards", run_dir, cfg).error is None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 101))
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first / 2, (first, last)
+    assert rows[50]["loss"] < first / 2  # resumed with the trained adapters, not fresh ones
 
     # the run's own checkpoint: every base weight as it started, bit for bit; only adapters moved
     base_state = load_file(tiny_checkpoint / "model.safetensors")
