@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from medsam3.config import load_config
 from medsam3.lora import DEFAULT_TARGETS
 from pipelines.settings import TrainError, TrainSettings
-from tests.conftest import OVERFIT
+from tests.conftest import LESION_CASE, OVERFIT
 
 # Adapters on the default linears and on the heads too: the base here has random weights (a
 # stand-in for a model trained elsewhere), so its frozen heads would score and mask nothing.
@@ -119,4 +120,15 @@ def test_lora_run_overfits_keeps_the_base_and_exports_adapter_and_merged_model(
     torch.testing.assert_close(applied.pred_logits, whole.pred_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(applied.pred_masks, whole.pred_masks, atol=1e-3, rtol=1e-4)
     assert (applied.pred_masks - plain.pred_masks).abs().max() > 1e-2  # the adapter does change the model
+
+    # served as an adapter on its base, the exported adapter answers as the merged model does
+    from medsam3.inference import Segmenter, inference_config
+    from medsam3.io.scan import read_scan
+
+    case = read_scan(lesion_shards / "scans" / LESION_CASE).case
+    on_base = Segmenter(tiny_checkpoint, inference_config(), adapters={"site": adapter})
+    with_adapter = on_base.segment(case, ["lesion"], adapter="site")[0].mask
+    assert with_adapter.any()
+    merged_mask = Segmenter(merged, inference_config()).segment(case, ["lesion"])[0].mask
+    assert np.mean(with_adapter != merged_mask) < 1e-3  # W x + B A x against (W + B A) x: rounding only
     assert OmegaConf.load(run_dir / "train_config.yaml").train.method == "lora"
