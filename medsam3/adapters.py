@@ -69,6 +69,10 @@ class AdapterSet:
         if int(max_adapters) < 1:
             raise ValueError(f"max_adapters={max_adapters}: at least 1")
         self.model = model
+        dotted = [str(name) for name in adapters if "." in str(name) or not str(name)]
+        if dotted:  # peft keeps adapters in a ModuleDict, whose keys cannot hold a "."
+            raise AdapterError(f"adapter name(s) {', '.join(map(repr, dotted))}: use a name without '.' "
+                               "(NAME=DIR)")
         self.paths = {str(name): check_adapter(path) for name, path in adapters.items()}
         self.max_adapters = int(max_adapters)
         self.peft = None  # the PeftModel around `model`, made by the first load

@@ -193,6 +193,15 @@ def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
     return set(prompts) if prompts else None
 
 
+def adapter_plans(adapter: str | os.PathLike, base: Plans, prepare_cfg) -> Plans:
+    """The plans an adapter was trained with (the ``plans.json`` its export carries), else its
+    base's: an adapter trained on pixels made otherwise than its base's is fed its own pixels."""
+    if Plans.load(storage.local_copy(adapter)) is None:
+        return base
+    plans = checkpoint_plans(adapter, prepare_cfg)
+    return base if not plans.differences(base) else plans
+
+
 def adapter_prompts(adapter: str | os.PathLike, base: set[str] | None) -> set[str] | None:
     """The prompts a LoRA adapter was trained on (its export's ``medsam3_export.json``), else its base's."""
     return trained_prompts(adapter) or base
@@ -313,6 +322,7 @@ class Segmenter:
         self.threshold = float(self.cfg.threshold)
         self.plans = checkpoint_plans(checkpoint, self.cfg.prepare)
         self.prep = Preprocessor(self.plans)
+        self.preps: dict[str | None, Preprocessor] = {None: self.prep}  # an adapter's own plans: prep_of
         self.trained_prompts = trained_prompts(checkpoint)
         self.adapters = AdapterSet(self.model, adapters, max_adapters) if adapters else None
 
@@ -328,6 +338,14 @@ class Segmenter:
         if adapter is None:
             return self.trained_prompts
         return adapter_prompts(self._adapter_set(adapter).folder(adapter), self.trained_prompts)
+
+    def prep_of(self, adapter: str | None) -> Preprocessor:
+        """The pixels for the base (None) or an adapter: the adapter's own plans when it was trained
+        on pixels made otherwise (see :func:`adapter_plans`)."""
+        if adapter not in self.preps:
+            plans = adapter_plans(self._adapter_set(adapter).folder(adapter), self.plans, self.cfg.prepare)
+            self.preps[adapter] = self.prep if plans is self.plans else Preprocessor(plans)
+        return self.preps[adapter]
 
     def _adapter_set(self, adapter: str | None) -> AdapterSet:
         if self.adapters is None:
@@ -366,7 +384,7 @@ class Segmenter:
             vision = self._vision([first[key] for key in keys])
             vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
             # boxes are in the stored square's pixels, whatever size the item's square was shipped at
-            outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep.square)
+            outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep_of(adapter).square)
         answers: list[SliceAnswer | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}  # items whose planes share a size map back together
         for i, item in enumerate(items):
@@ -425,22 +443,26 @@ class Segmenter:
         request = prompt_request(prompts, boxes or ())
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
-        intensity = self.prep.intensity(case)
-        results = self.prep.results(case, request.prompts, request.boxes, self.prompts_of(adapter))
+        prep = self.prep_of(adapter)
+        intensity = prep.intensity(case)
+        results = prep.results(case, request.prompts, request.boxes, self.prompts_of(adapter))
         if mode == "propagate" and case.is_3d:
+            if prep is not self.prep:
+                raise AdapterError(f"adapter {adapter!r} was trained on pixels made otherwise than its base's "
+                                   "(its plans.json): propagate it as a merged export (`medsam3 export merge=true`)")
             with self.using(adapter):  # the whole video: the adapter must not change mid-volume
                 self.propagate(case, request, results, intensity)
             return results
-        count, batch = self.prep.num_slices(case), max(1, int(self.cfg.batch_size))
+        count, batch = prep.num_slices(case), max(1, int(self.cfg.batch_size))
         starts = range(0, count, batch)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, total=len(starts), unit="batch", desc=f"{count} slice(s)")
         for start in starts:
-            items = self.prep.items(case, request.prompts, request.boxes, range(start, min(start + batch, count)),
-                                    intensity, instances=not case.is_3d, slices=request.slices)
-            self.prep.fill(case, results, items, self.run_items(items, adapter))
+            items = prep.items(case, request.prompts, request.boxes, range(start, min(start + batch, count)),
+                               intensity, instances=not case.is_3d, slices=request.slices)
+            prep.fill(case, results, items, self.run_items(items, adapter))
         return results
 
     def propagate(self, case: Case, request: PromptRequest, results: list[PromptResult],

@@ -46,9 +46,10 @@ class CheckpointImportError(StageError):
 
 @dataclass(frozen=True)
 class Target:
-    """One transformers tensor made from a Meta tensor: ``op`` is ``copy``, ``chunk`` (part
-    ``index`` of 3 along dim 0: fused q/k/v), ``drop_first`` (position table without the class
-    token), ``transpose``, or ``row`` (row ``index`` of a stacked table)."""
+    """One transformers tensor made from a Meta tensor: ``op`` is ``copy``, ``clone`` (the same
+    values in a tensor of its own), ``chunk`` (part ``index`` of 3 along dim 0: fused q/k/v),
+    ``drop_first`` (position table without the class token), ``transpose``, or ``row`` (row
+    ``index`` of a stacked table)."""
 
     key: str
     op: str = "copy"
@@ -274,7 +275,7 @@ def map_key(key: str, video: bool) -> list[Target] | str | None:
             return "the tracker: imported with --kind video"
         if rest == "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix":  # shared by two modules
             return [Target("tracker_model.prompt_encoder.shared_embedding.positional_embedding"),
-                    Target("tracker_model.shared_image_embedding.positional_embedding")]
+                    Target("tracker_model.shared_image_embedding.positional_embedding", "clone")]
         m = re.fullmatch(r"sam_prompt_encoder\.point_embeddings\.(\d+)\.weight", rest)
         if m:
             return [Target("tracker_model.prompt_encoder.point_embed.weight", "row", int(m[1]))]
@@ -301,6 +302,8 @@ def _make(target: Target, source: torch.Tensor) -> torch.Tensor:
         return source[:, 1:]
     if target.op == "transpose":
         return source.t()
+    if target.op == "clone":  # a second tensor from one source: its own storage (no shared tensors on save)
+        return source.clone()
     return source
 
 
@@ -347,6 +350,10 @@ def convert_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
                  if k in made and tuple(made[k].shape) != tuple(s)]
     if misshapen:
         problems.append(f"shape mismatch: {'; '.join(misshapen[:5])}")
+    strays = [k for k in unknown if k.startswith(("detector.", "tracker."))]
+    if strays:
+        problems.append(f"{len(strays)} SAM3 tensors this import does not know (fine-tuning deltas such as "
+                        f"unmerged LoRA would be lost), e.g. {', '.join(strays[:5])}")
     missing = [k for k in expected if k not in made and not any(re.fullmatch(p, k) for p in allow_missing)]
     if missing:
         problems.append(f"{len(missing)} model tensors would keep their initial values, e.g. {', '.join(missing[:5])}")
@@ -361,7 +368,7 @@ def convert_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         "target_tensors_converted": sum(1 for k in expected if k in made),
         "uninitialised": sorted(missing),
         "unused": dict(Counter(_reason_group(k, r) for k, r in unused.items())),
-        "unknown_source_tensors": unknown,  # not SAM3 names: reported, not fatal (the targets decide)
+        "unknown_source_tensors": unknown,  # outside detector./tracker.: reported, not fatal
         "by_module": dict(sorted(by_module.items())),
         "problems": problems,
     }

@@ -57,7 +57,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tracker: 
 
             model = apply_lora(model, OmegaConf.to_container(cfg.train.lora, resolve=True))
         state = consolidated_state(local_checkpoint)
+        if lora:  # the adapters from the run; the frozen base from model.path, in fp32 (ZeRO-1 does not save it)
+            state = {k: v for k, v in state.items() if ".lora_" in k}
+            wanted = [k for k in model.state_dict() if ".lora_" in k]
+            missing = [k for k in wanted if k not in state]
+            if missing or not wanted:
+                raise TrainError(f"{checkpoint}: {len(missing)} of {len(wanted)} adapter tensors are not in the "
+                                 f"checkpoint (e.g. {missing[:3]})")
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if lora:
+            missing = [m for m in missing if ".lora_" in m]
         if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
             raise TrainError(f"{checkpoint}: weights do not fit the model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -111,7 +111,7 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
         prompt_request(prompts, boxes)  # refused before the model loads
     except ValueError as exc:
         raise PredictError(f"--prompt/--box: {exc}") from exc
-    name = None if adapter is None else storage.name(adapter)
+    name = None if adapter is None else storage.name(adapter).replace(".", "_")  # peft: no "." in names
     try:
         segmenter = Segmenter(checkpoint, cfg, adapters=None if adapter is None else {name: adapter})
     except AdapterError as exc:
@@ -129,7 +129,7 @@ def run_predict(input_path: str | os.PathLike, prompts: Sequence[str], checkpoin
     except (ValueError, CheckpointError) as exc:
         raise PredictError(f"{storage.name(input_path)}: {exc}") from exc
     with staged_output(out_dir) as staging:
-        files = write_outputs(scan, results, segmenter.prep, cfg, staging)
+        files = write_outputs(scan, results, segmenter.prep_of(name), cfg, staging)
         summary = summarize(scan, results, checkpoint, segmenter.threshold) | {"files": files}
         if adapter is not None:
             summary["adapter"] = name

@@ -131,6 +131,8 @@ class TrainSettings:
         if self.method == "lora" and self.model_path is None:
             raise TrainError("train.method=lora adapts a trained model: set model.path to a checkpoint "
                              "folder (LoRA on random preset weights would train adapters on noise)")
+        if "stage" in self.zero_optimization:
+            raise TrainError("train.zero_optimization.stage: set the stage with train.zero_stage (the recipe reads it)")
         if self.method == "lora" and self.mode == "clips":
             raise TrainError("train.method=lora with train.mode=clips: LoRA adapts the detector on images "
                              "(train.mode=images); clip training fine-tunes detector and tracker in full")

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from medsam3.adapters import AdapterError
 from medsam3.ray_local import keep_serve_replicas_on_loopback
 from serve.encode import planes_shape, preview_planes, rle_planes
 from serve.guard import IngressGuard
@@ -94,7 +95,10 @@ class SegmentModel:
         return Segmenter(self.checkpoints[model_id], self.cfg, adapters=adapters, max_adapters=self.max_adapters)
 
     async def run(self, model_id: str, item):
-        return await self.run_batch(model_id, item)
+        answer = await self.run_batch(model_id, item)
+        if isinstance(answer, Exception):  # this item's adapter failed (see run_batch)
+            raise answer
+        return answer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def run_batch(self, model_ids: list[str], items: list) -> list:
@@ -105,6 +109,8 @@ class SegmentModel:
             segmenter = await self.get_segmenter(base)
             try:  # off the event loop, so requests keep queueing into the next batch meanwhile
                 done = await asyncio.to_thread(segmenter.run_items, [items[i] for i in picked], adapter)
+            except AdapterError as exc:  # one adapter's folder went bad: its items fail, the batch's others stand
+                done = [exc] * len(picked)
             except Exception:
                 self.failures += 1
                 raise
@@ -139,7 +145,13 @@ BYTES_PER_VOXEL = 8
 class SegmentAPI:
     def __init__(self, model: DeploymentHandle, checkpoints: dict[str, str], settings: dict[str, Any],
                  adapters: dict[str, str]):
-        from medsam3.inference import Preprocessor, adapter_prompts, checkpoint_image_size, trained_prompts
+        from medsam3.inference import (
+            Preprocessor,
+            adapter_plans,
+            adapter_prompts,
+            checkpoint_image_size,
+            trained_prompts,
+        )
         from medsam3.plans import checkpoint_plans
         from medsam3.video import checkpoint_type
 
@@ -156,11 +168,14 @@ class SegmentAPI:
                       for name, path in checkpoints.items()}
         self.trained = {name: trained_prompts(path) for name, path in checkpoints.items()}
         self.trackers = {name: checkpoint_type(path) == "sam3_video" for name, path in checkpoints.items()}
-        # an adapter answers with its base's preprocessing and modes
+        # an adapter answers with its base's modes, and its own pixels when it carries other plans
         self.adapters = adapters
         self.served = served_models(checkpoints, adapters)
+        base_prep = self.preps[self.default]
         for name, path in adapters.items():
-            self.preps[name], self.trackers[name] = self.preps[self.default], self.trackers[self.default]
+            plans = adapter_plans(path, base_prep.plans, self.cfg.prepare)
+            self.preps[name] = base_prep if plans is base_prep.plans else Preprocessor(plans, size)
+            self.trackers[name] = self.trackers[self.default]
             self.trained[name] = adapter_prompts(path, self.trained[self.default])
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
@@ -225,6 +240,8 @@ class SegmentAPI:
                                        mode)
         except UploadError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        except AdapterError as exc:  # raised in a model replica: the adapter, not the request, is at fault
+            return JSONResponse({"detail": str(exc)}, status_code=503)
 
     async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview, mode) -> Response:
         from medsam3.inference import MODES, prompt_request

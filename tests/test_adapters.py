@@ -118,3 +118,22 @@ def test_bad_adapter_folders_are_refused(tiny_checkpoint, adapters, tmp_path):
         liver(segmenter, "wider")
     assert np.array_equal(liver(segmenter, "A"), liver(Segmenter(tiny_checkpoint, inference_config(CFG),
                                                                  adapters=adapters), "A"))
+
+
+def test_an_adapter_trained_on_other_pixels_gets_its_own_and_dotted_names_are_refused(
+        tiny_checkpoint, adapters, tmp_path):
+    from medsam3.config import load_config
+    from medsam3.plans import Plans
+
+    own = shutil.copytree(adapters["A"], tmp_path / "site.v2")
+    Plans.from_prepare_config(load_config("prepare", ["image_size=512"])).save(own)  # as its run's export carries
+    segmenter = Segmenter(tiny_checkpoint, inference_config(CFG), adapters={"own": own, **adapters})
+    assert segmenter.prep_of("own").square == 512 and segmenter.prep_of("A") is segmenter.prep
+    assert segmenter.prep.square != 512
+    assert liver(segmenter, "own").shape == liver(segmenter, "A").shape  # masks in the image's own geometry
+    with pytest.raises(AdapterError, match="without '.'"):
+        Segmenter(tiny_checkpoint, inference_config(CFG), adapters={"site.v2": own})
+    # predict names an adapter after its folder: a dotted folder still works
+    assert main(["predict", str(PNG), "--prompt", "liver", "--checkpoint", str(tiny_checkpoint), "--adapter",
+                 str(own), "--out", str(tmp_path / "p"), *CFG]) == 0
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["adapter"] == "site_v2"

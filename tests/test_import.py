@@ -122,24 +122,24 @@ def test_tiny_medical_sam3_image_checkpoint_imports_and_gives_the_same_outputs(t
     assert torch.equal(ours.pred_masks, theirs.pred_masks) and torch.equal(ours.pred_logits, theirs.pred_logits)
 
 
-def test_tiny_sam3_video_checkpoint_in_bf16_imports_with_its_tracker(tmp_path):
-    """Meta's release convention: `detector.` and `tracker.` names, here in a state_dict wrapper, bf16."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_sam3_video_checkpoint_imports_with_its_tracker(tmp_path, dtype):
+    """Meta's release convention: `detector.` and `tracker.` names, here in a state_dict wrapper."""
     from medsam3.video import load_video_model
 
     model = tiny_model(video=True)
-    meta = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-            for k, v in tiny_meta_checkpoint(model, True).items()}
+    meta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny_meta_checkpoint(model, True).items()}
     torch.save({"state_dict": meta}, tmp_path / "sam3.pt")
     assert main(["import", str(tmp_path / "sam3.pt"), str(tmp_path / "hf"), "--bpe", str(BPE),
                  "--preset", "tiny_video"]) == 0
     report = json.loads((tmp_path / "hf" / "import_report.json").read_text())
     assert report["kind"] == "video" and report["problems"] == []
-    assert set(report["source_dtypes"]) == {"bfloat16", "complex64"}  # the rotary tables: unused
+    assert set(report["source_dtypes"]) == {str(dtype).removeprefix("torch."), "complex64"}  # rotary tables
     imported = load_video_model(tmp_path / "hf").state_dict()
     original = model.state_dict()
     assert set(imported) == set(original)
     for key, value in original.items():  # every tensor the tiny model had, through bf16
-        assert torch.equal(imported[key], value.to(torch.bfloat16).float()), key
+        assert torch.equal(imported[key], value.to(dtype).float()), key
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +186,7 @@ def test_missing_modules_and_wrong_shapes_are_refused_naming_the_tensors(meta_fi
                                                                         tmp_path / "out")
     assert "--kind video, but the checkpoint has no `tracker.*`" in refused(
         capsys, meta_file[0] / "sam3.pt", tmp_path / "out", "--kind", "video")
+    unmerged = dict(state)  # a fine-tuning delta that no rule knows would be dropped: refused instead
+    unmerged["detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.lora_A.weight"] = torch.zeros(4, 64)
+    torch.save(unmerged, tmp_path / "lora.pt")
+    assert "SAM3 tensors this import does not know" in refused(capsys, tmp_path / "lora.pt", tmp_path / "out")

@@ -39,6 +39,8 @@ def test_zero_stage_follows_the_method_and_reaches_deepspeed():
         config = settings(f"train.zero_stage={stage}").deepspeed_config()["zero_optimization"]
         assert config["stage"] == stage
         assert ("stage3_gather_16bit_weights_on_model_save" in config) == (stage == 3)
+    with pytest.raises(TrainError, match="set the stage with train.zero_stage"):
+        settings("train.zero_optimization={stage: 1}")
     with pytest.raises(TrainError, match="zero_stage=4"):
         settings("train.zero_stage=4")
     with pytest.raises(TrainError, match="train.method='adapter'"):
@@ -67,15 +69,40 @@ def test_default_targets_are_the_attention_and_mlp_linears(tiny_checkpoint):
     assert all(("lora_" in n) == p.requires_grad for n, p in wrapped.named_parameters())
 
 
+def exports(run_dir: Path, out: Path, base: Path) -> tuple[Path, Path]:
+    """A LoRA run's adapter and merged exports; checks that the adapter applied to the base with
+    peft gives the merged model's outputs, and that it changes the base's."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from medsam3.model import build_model
+    from pipelines.export import export_run
+    from pipelines.recipe import probe_inputs
+
+    adapter, merged = out / "adapter", out / "merged"
+    export_run(run_dir, adapter)
+    export_run(run_dir, merged, merge=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert not (adapter / "model.safetensors").exists()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 4
+    inputs = probe_inputs(AutoTokenizer.from_pretrained(adapter), 224)
+    with torch.no_grad():
+        applied = PeftModel.from_pretrained(build_model(path=base), adapter).eval()(**inputs)
+        whole = build_model(path=merged).eval()(**inputs)
+        plain = build_model(path=base).eval()(**inputs)
+    torch.testing.assert_close(applied.pred_logits, whole.pred_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(applied.pred_masks, whole.pred_masks, atol=1e-3, rtol=1e-4)
+    assert (applied.pred_masks - plain.pred_masks).abs().max() > 1e-2  # the adapter does change the model
+    return adapter, merged
+
+
 @pytest.mark.slow
 def test_lora_run_overfits_keeps_the_base_and_exports_adapter_and_merged_model(
         ray_local, lesion_shards, tiny_checkpoint, tmp_path):
-    from peft import PeftModel
     from safetensors.torch import load_file
 
-    from medsam3.model import build_model
-    from pipelines.export import consolidated_state, export_run
-    from pipelines.recipe import probe_inputs
+    from pipelines.export import consolidated_state
     from pipelines.run_folder import RunFolder
     from pipelines.train import run_train
 
@@ -101,25 +128,16 @@ def test_lora_run_overfits_keeps_the_base_and_exports_adapter_and_merged_model(
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # every adapter trained (B starts at 0)
 
-    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    export_run(run_dir, adapter)
-    export_run(run_dir, merged, merge=True)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 8
-    assert not (adapter / "model.safetensors").exists()
-    assert (adapter / "adapter_model.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 4
+    adapter, merged = exports(run_dir, tmp_path / "zero0", tiny_checkpoint)
     assert json.loads((adapter / "medsam3_export.json").read_text())["base"] == str(tiny_checkpoint)
 
-    from transformers import AutoTokenizer
-
-    inputs = probe_inputs(AutoTokenizer.from_pretrained(adapter), 224)
-    with torch.no_grad():
-        applied = PeftModel.from_pretrained(build_model(path=tiny_checkpoint), adapter).eval()(**inputs)
-        whole = build_model(path=merged).eval()(**inputs)
-        plain = build_model(path=tiny_checkpoint).eval()(**inputs)
-    torch.testing.assert_close(applied.pred_logits, whole.pred_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(applied.pred_masks, whole.pred_masks, atol=1e-3, rtol=1e-4)
-    assert (applied.pred_masks - plain.pred_masks).abs().max() > 1e-2  # the adapter does change the model
+    # ZeRO-1 checkpoints keep no frozen weights: the export takes the base from model.path
+    zero1 = tmp_path / "lora-zero1"
+    cfg = load_config("train", [*OVERFIT, *LORA, f"model.path={tiny_checkpoint}", "train.max_steps=4",
+                                "train.checkpoint_every=4", "train.zero_stage=1", "optim.warmup_steps=0"])
+    cfg.train.lora.target_modules = DEFAULT_TARGETS + HEADS
+    assert run_train(lesion_shards / "shards", zero1, cfg).error is None
+    exports(zero1, tmp_path / "zero1", tiny_checkpoint)
 
     # served as an adapter on its base, the exported adapter answers as the merged model does
     from medsam3.inference import Segmenter, inference_config
