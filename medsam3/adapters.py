@@ -110,6 +110,9 @@ class AdapterSet:
                 device = "cpu" if meta else str(next(self.model.parameters()).device)
                 result = self.peft.load_adapter(os.fspath(folder), adapter_name=name, torch_device=device,
                                                 low_cpu_mem_usage=meta)
+            except OSError as exc:  # its files changed since the folder was checked
+                self._drop(name)
+                raise AdapterError(f"adapter {name!r} ({folder}) cannot be read: {exc}") from exc
             except (RuntimeError, ValueError, KeyError) as exc:
                 self._drop(name)
                 raise AdapterError(f"adapter {name!r} ({folder}) does not fit the base model: {exc}") from exc

@@ -89,7 +89,13 @@ def adapters(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoints, adapters, clip_trained, s3_endpoint, tmp_path_factory):
+def gone(checkpoints, tmp_path_factory):
+    """A third adapter, served but never used before its test deletes its weights."""
+    return lora_adapter(checkpoints["a"], tmp_path_factory.mktemp("gone") / "gone", 3)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoints, adapters, gone, clip_trained, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from medsam3.io import storage
@@ -105,7 +111,7 @@ def url(checkpoints, adapters, clip_trained, s3_endpoint, tmp_path_factory):
     address = start(served, port=free_port(), overrides={"SegmentModel": one_replica},
                     settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint},
                               "auth": {"api_keys_file": str(keys)}},
-                    adapters={name: str(path) for name, path in adapters.items()})
+                    adapters={**{name: str(path) for name, path in adapters.items()}, "gone": str(gone)})
     yield address
     serve.shutdown()
 
@@ -134,11 +140,11 @@ def test_health_models_and_docs(url):
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
     models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
     assert models["default"] == "a"
-    assert [m["id"] for m in models["models"]] == ["a", "b", "v", "liver-siteA", "lung-siteB"]
+    assert [m["id"] for m in models["models"]] == ["a", "b", "v", "liver-siteA", "lung-siteB", "gone"]
     assert [m["modes"] for m in models["models"]] == [["slices"], ["slices"], ["slices", "propagate"], ["slices"],
-                                                      ["slices"]]
+                                                      ["slices"], ["slices"]]
     assert [(m.get("base"), m.get("adapter")) for m in models["models"][2:]] == [
-        (None, None), ("a", "liver-siteA"), ("a", "lung-siteB")]
+        (None, None), ("a", "liver-siteA"), ("a", "lung-siteB"), ("a", "gone")]
     assert "/v1/segment" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert "<canvas" in requests.get(f"{url}/", timeout=10).text
 
@@ -233,6 +239,22 @@ def test_lora_adapters_behind_one_endpoint_answer_as_their_own_predict(url, chec
     by_header = post(url, images[0], headers={"serve_multiplexed_model_id": "lung-siteB"}).json()
     assert by_header["model"] == "lung-siteB"
     assert np.array_equal(decode(by_header["masks"][0]["rle"][0]), expected["lung-siteB", 0])
+
+
+def test_an_adapter_broken_after_start_fails_its_own_requests_only(url, gone):
+    """Its folder loses its weights while served: its requests get a 503 naming it; requests for
+    the base sent with them (same batches) are answered, and the replica stays healthy."""
+    (gone / "adapter_model.safetensors").unlink()
+    image = SAMMED2D / "images" / "amos_0004_75.png"
+    order = ["gone", "a"] * 4
+    with ThreadPoolExecutor(max_workers=len(order)) as pool:
+        answers = list(pool.map(lambda model: post(url, image, model=model), order))
+    for model, answer in zip(order, answers, strict=True):
+        if model == "gone":
+            assert answer.status_code == 503 and "'gone'" in answer.json()["detail"], answer.text
+        else:
+            assert answer.status_code == 200 and answer.json()["model"] == "a", answer.text
+    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
 
 
 def zipped(entries: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:
