@@ -313,16 +313,16 @@ def _module(key: str) -> str:
 
 
 def convert_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], video: bool,
-                  allow_missing: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Meta-format tensors → transformers tensors for a model whose state has the names and
     shapes ``expected``; returns (tensors, report). The report's ``problems`` list every target
-    made twice, misshapen, or never made (unless it matches ``allow_missing``)."""
+    made twice, misshapen, or never made (the allow-list of uninitialised tensors is empty)."""
     made: dict[str, torch.Tensor] = {}
     rows: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     producers: Counter[str] = Counter()
     unused: dict[str, str] = {}
     unknown: list[str] = []
-    for key, tensor in normalise_keys(state).items():
+    for key, tensor in normalise_keys(state).items():  # idempotent: import_checkpoint has done it
         targets = map_key(key, video)
         if targets is None:
             unknown.append(key)
@@ -354,7 +354,7 @@ def convert_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
     if strays:
         problems.append(f"{len(strays)} SAM3 tensors this import does not know (fine-tuning deltas such as "
                         f"unmerged LoRA would be lost), e.g. {', '.join(strays[:5])}")
-    missing = [k for k in expected if k not in made and not any(re.fullmatch(p, k) for p in allow_missing)]
+    missing = [k for k in expected if k not in made]
     if missing:
         problems.append(f"{len(missing)} model tensors would keep their initial values, e.g. {', '.join(missing[:5])}")
     by_module: dict[str, dict[str, int]] = defaultdict(lambda: {"converted": 0, "uninitialised": 0})
@@ -367,16 +367,12 @@ def convert_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         "target_tensors": len(expected),
         "target_tensors_converted": sum(1 for k in expected if k in made),
         "uninitialised": sorted(missing),
-        "unused": dict(Counter(_reason_group(k, r) for k, r in unused.items())),
+        "unused": dict(Counter(f"{_module(k)}: {r}" for k, r in unused.items())),
         "unknown_source_tensors": unknown,  # outside detector./tracker.: reported, not fatal
         "by_module": dict(sorted(by_module.items())),
         "problems": problems,
     }
     return made, report
-
-
-def _reason_group(key: str, reason: str) -> str:
-    return f"{_module(key)}: {reason}"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -441,14 +437,14 @@ def import_checkpoint(weights: str | os.PathLike, out_dir: str | os.PathLike, bp
     if not any(k.startswith("detector.backbone.vision_backbone.trunk.") for k in names):
         sample = ", ".join(list(state)[:3])
         raise CheckpointImportError(f"{weights}: no SAM3 vision trunk (`detector.backbone.vision_backbone.trunk.*`); "
-                           f"not a SAM3 checkpoint in Meta's format (its first tensors: {sample})")
+                                    f"not a SAM3 checkpoint in Meta's format (its first tensors: {sample})")
     has_tracker = any(k.startswith("tracker.") for k in names)
     video = has_tracker if kind == "auto" else kind == "video"
     if video and not has_tracker:
         raise CheckpointImportError(f"{weights}: --kind video, but the checkpoint has no `tracker.*` tensors")
     model = target_model(video, preset_name)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors, report = convert_state(state, expected, video)
+    tensors, report = convert_state(names, expected, video)
     report = {"source": os.fspath(weights), **report}
     if report["problems"]:
         raise CheckpointImportError(f"{weights}: not imported, nothing written:\n  " + "\n  ".join(report["problems"]))
