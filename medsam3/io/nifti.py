@@ -23,6 +23,13 @@ def load_canonical(path: str | os.PathLike, channel: int | None = None, what: st
         raise CaseError(f"{what} {os.fspath(path)!s}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
     slope = float(img.dataobj.slope) if np.isfinite(img.dataobj.slope) and img.dataobj.slope != 0 else 1.0
     inter = float(img.dataobj.inter) if np.isfinite(img.dataobj.inter) else 0.0
+    return canonical(raw, img.affine, path, channel, what) + ((slope, inter),)
+
+
+def canonical(raw: np.ndarray, affine: np.ndarray, path: str | os.PathLike, channel: int | None = None,
+              what: str = "image") -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A volume in its file's voxel order with its RAS affine → ``(array, affine, zooms)`` in RAS+
+    (any reader's volume: NIfTI, NRRD); a 4D volume needs ``channel``."""
     while raw.ndim > 3 and raw.shape[-1] == 1:
         raw = raw[..., 0]
     if raw.ndim == 4:
@@ -35,9 +42,9 @@ def load_canonical(path: str | os.PathLike, channel: int | None = None, what: st
         raw = raw[..., channel]
     if raw.ndim != 3:
         raise CaseError(f"{what} {os.fspath(path)}: expected a 3D volume, got shape {raw.shape}")
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(raw, img.affine))
-    zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
-    return np.asanyarray(canonical.dataobj), canonical.affine, zooms, (slope, inter)
+    image = nib.as_closest_canonical(nib.Nifti1Image(raw, affine))
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return np.asanyarray(image.dataobj), image.affine, zooms
 
 
 def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

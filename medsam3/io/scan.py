@@ -1,8 +1,8 @@
-"""Read one scan to segment (no labels): a PNG/JPEG, a NIfTI file, an NPZ file or a DICOM series folder.
+"""Read one scan to segment (no labels): a PNG/JPEG, a NIfTI or NRRD file, an NPZ file or a DICOM series folder.
 
 ``predict`` and ``serve`` use it; the arrays follow the reader contract of ``medsam3.io.case``
 (3D volumes RAS+ canonical), so inference cuts slices exactly as ``prepare`` does. The scan
-keeps what writing a result in the input's own terms needs: the original affine (NIfTI), the
+keeps what writing a result in the input's own terms needs: the original affine (NIfTI, NRRD), the
 source DICOM datasets (DICOM-SEG).
 """
 
@@ -20,12 +20,13 @@ import numpy as np
 from medsam3.io.case import Case, CaseError
 from medsam3.io.dicom import read_series, scan_series
 from medsam3.io.image2d import read_image
-from medsam3.io.nifti import load_canonical
+from medsam3.io.nifti import canonical, load_canonical
 from medsam3.io.npz import load_npz, npz_geometry, to_canonical
+from medsam3.io.nrrd_file import load_nrrd, nrrd_shape
 from medsam3.transforms import normalize_modality
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-KINDS = ("image", "nifti", "npz", "dicom")
+KINDS = ("image", "nifti", "nrrd", "npz", "dicom")
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Scan:
     case: Case
     kind: str  # one of KINDS
     name: str  # file or folder name, for output file names
-    source_affine: np.ndarray | None = None  # NIfTI: the file's own affine (before canonical reorientation)
+    source_affine: np.ndarray | None = None  # NIfTI, NRRD: the file's own affine (before canonical reorientation)
     dicom_files: list[Path] = field(default_factory=list)
 
     @property
@@ -49,11 +50,14 @@ def scan_kind(path: Path) -> str:
         return "dicom"
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
+    if name.endswith(".nrrd"):
+        return "nrrd"
     if name.endswith(".npz"):
         return "npz"
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    raise CaseError(f"{path.name}: unsupported input (expected PNG/JPEG, .nii/.nii.gz, .npz or a DICOM series folder)")
+    raise CaseError(f"{path.name}: unsupported input (expected PNG/JPEG, .nii/.nii.gz, .nrrd, .npz or a DICOM series "
+                    "folder)")
 
 
 def read_scan(path: str | os.PathLike, modality: str | None = None, channel: int | None = None,
@@ -61,14 +65,14 @@ def read_scan(path: str | os.PathLike, modality: str | None = None, channel: int
     """Decode a scan; any problem raises :class:`CaseError` naming the file and what is wrong.
 
     ``modality`` overrides what the file says (DICOM Modality, an NPZ name prefix such as
-    ``CT_``). A NIfTI file carries no modality: with none given, values below -500 mark it as
-    CT in Hounsfield units (it is then windowed like CT in ``prepare``), otherwise UNKNOWN.
+    ``CT_``). A NIfTI or NRRD file carries no modality: with none given, values below -500 mark
+    it as CT in Hounsfield units (it is then windowed like CT in ``prepare``), otherwise UNKNOWN.
     """
     path = Path(path)
     if not path.exists():
         raise CaseError(f"{path}: no such file or folder")
     kind = scan_kind(path)
-    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0] if kind != "dicom" else path.name
+    stem = path.name.removesuffix(".gz").removesuffix(".seg.nrrd").rsplit(".", 1)[0] if kind != "dicom" else path.name
     forced = normalize_modality(modality) if modality else None
     if kind == "image":
         image = read_image(path)
@@ -80,10 +84,13 @@ def read_scan(path: str | os.PathLike, modality: str | None = None, channel: int
             source_affine = nib.load(os.fspath(path)).affine
         except Exception as exc:
             raise CaseError(f"{path.name}: cannot read the NIfTI header ({exc})") from exc
-        low = float(np.min(image[..., :: max(1, image.shape[2] // 16)])) * scale[0] + scale[1]
-        guessed = "CT" if low < -500 else "UNKNOWN"
-        case = Case(stem, "predict", forced or guessed, image, [], {}, zooms, affine, scale)
+        case = Case(stem, "predict", forced or _ct_or_unknown(image, scale), image, [], {}, zooms, affine, scale)
         return Scan(case, kind, stem, source_affine=source_affine)
+    if kind == "nrrd":
+        volume = load_nrrd(path)
+        image, affine, zooms = canonical(np.asanyarray(volume.dataobj), volume.affine, path, channel)
+        case = Case(stem, "predict", forced or _ct_or_unknown(image, (1.0, 0.0)), image, [], {}, zooms, affine)
+        return Scan(case, kind, stem, source_affine=volume.affine)
     if kind == "npz":
         data = load_npz(path, allow_pickle=allow_pickle, require_masks=False)
         imgs = data["imgs"]
@@ -105,6 +112,12 @@ def read_scan(path: str | os.PathLike, modality: str | None = None, channel: int
     return Scan(case, kind, stem, dicom_files=[path / f for f in group.files])
 
 
+def _ct_or_unknown(image: np.ndarray, scale: tuple[float, float]) -> str:
+    """A volume file carries no modality: values below -500 mark CT in Hounsfield units."""
+    low = float(np.min(image[..., :: max(1, image.shape[2] // 16)])) * scale[0] + scale[1]
+    return "CT" if low < -500 else "UNKNOWN"
+
+
 def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The spatial shape a scan declares, read from headers only (no pixel is decoded): what a
     server checks against its limits before spending memory. 2D: (rows, columns); 3D: the
@@ -117,6 +130,8 @@ def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
         if kind == "nifti":
             shape = tuple(int(n) for n in nib.load(os.fspath(path)).header.get_data_shape())
             return shape[:3] if len(shape) >= 3 else shape
+        if kind == "nrrd":
+            return nrrd_shape(path)
         if kind == "npz":
             return _npz_header_shape(path)
     except CaseError:

@@ -21,27 +21,46 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def label_map(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """Masks → one label map, value i+1 for mask i (where masks overlap, the later prompt wins)."""
-    labels = np.zeros(masks[0].shape, np.uint8 if len(masks) < 255 else np.uint16)
-    for value, mask in enumerate(masks, start=1):
+def label_map(masks: Sequence[np.ndarray], values: Sequence[int] | None = None) -> np.ndarray:
+    """Masks → one label map, value ``values[i]`` (default i+1) for mask i (where masks overlap,
+    the later one wins)."""
+    values = list(values) if values is not None else list(range(1, len(masks) + 1))
+    labels = np.zeros(masks[0].shape, np.uint8 if max(values, default=0) < 256 else np.uint16)
+    for value, mask in zip(values, masks, strict=True):
         labels[mask] = value
     return labels
 
 
-def write_nifti_labels(masks: Sequence[np.ndarray], canonical_affine: np.ndarray, path: str | os.PathLike,
-                       source_affine: np.ndarray | None = None) -> Path:
-    """A label map of canonical (RAS+) masks; with ``source_affine`` it is reoriented back to the
-    input file's own axes so its affine (and voxel order) are the input's."""
-    image = nib.Nifti1Image(label_map(masks), canonical_affine)
+def source_label_image(masks: Sequence[np.ndarray], canonical_affine: np.ndarray,
+                       source_affine: np.ndarray | None = None, values: Sequence[int] | None = None,
+                       dtype: np.dtype | None = None) -> nib.Nifti1Image:
+    """A label map of canonical (RAS+) masks; with ``source_affine`` reoriented back to the input
+    file's own axes, so that its affine and voxel order are the input's."""
+    labels = label_map(masks, values)
+    image = nib.Nifti1Image(labels if dtype is None else labels.astype(dtype), canonical_affine)
     if source_affine is not None:
         orientation = nib.orientations
         current, wanted = orientation.io_orientation(canonical_affine), orientation.io_orientation(source_affine)
         image = image.as_reoriented(orientation.ornt_transform(current, wanted))
+    return image
+
+
+def write_label_image(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """A label image as NIfTI (.nii, .nii.gz) or NRRD (.nrrd), by the path's suffix."""
+    if str(path).endswith(".nrrd"):
+        from medsam3.io.nrrd_file import write_nrrd
+
+        return write_nrrd(image, path)
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
     nib.save(image, os.fspath(path))
     return Path(path)
+
+
+def write_nifti_labels(masks: Sequence[np.ndarray], canonical_affine: np.ndarray, path: str | os.PathLike,
+                       source_affine: np.ndarray | None = None) -> Path:
+    """A NIfTI label map (value i+1 for mask i) in the input file's geometry (see source_label_image)."""
+    return write_label_image(source_label_image(masks, canonical_affine, source_affine), path)
 
 
 def write_dicom_seg(masks: Sequence[np.ndarray], prompts: Sequence[str], canonical_affine: np.ndarray,
