@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# MONAI Label's Python client (stdlib + requests) for the viewer-protocol tests: its package's own
+# dependencies (MONAI, torchvision, ...) are far too heavy, so it is installed without them.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps monailabel==0.8.5
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,6 +23,7 @@ RayService) and ``medsam3 serve`` both use.
 import asyncio
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -177,10 +178,20 @@ class SegmentAPI:
             self.preps[name] = base_prep if plans is base_prep.plans else Preprocessor(plans, size)
             self.trackers[name] = self.trackers[self.default]
             self.trained[name] = adapter_prompts(path, self.trained[self.default])
+        from serve.monailabel import ImageStore, label_ids
+
+        # MONAI Label (serve/monailabel.py): stable label ids per model, and the uploaded-image store
+        self.labels = {name: label_ids(self.trained[name], _vocabulary_prompts(self.preps[name].plans))
+                       for name in self.served}
+        viewer = settings.get("monailabel") or {}
+        self.store = ImageStore(viewer.get("store_dir") or Path(tempfile.gettempdir()) / "medsam3-monailabel",
+                                max_bytes=int(float(viewer.get("max_store_mb", 4096)) * 2**20),
+                                ttl_s=float(viewer.get("ttl_s", 3600)))
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
             logger.warning("MedSAM3 endpoint: authentication is OFF, anyone who can reach it may send scans to "
-                           "/v1/*; set settings.auth.api_keys_file or api_keys_env to require API keys")
+                           "/v1/* and the MONAI Label routes; set settings.auth.api_keys_file or api_keys_env "
+                           "to require API keys")
         self.max_voxels = int(float(settings.get("max_voxels", 512 * 512 * 1000)))
         self.max_side = int(settings.get("max_side", 4096))
         self.max_prompts = int(settings.get("max_prompts", 16))
@@ -244,9 +255,7 @@ class SegmentAPI:
             return JSONResponse({"detail": str(exc)}, status_code=503)
 
     async def _segment(self, request, file, prompts, boxes, fmt, model_id, preview, mode) -> Response:
-        from medsam3.inference import MODES, prompt_request
-        from medsam3.io.case import CaseError
-        from medsam3.io.scan import declared_shape, read_scan
+        from medsam3.inference import prompt_request
 
         model_id = model_id or self.default
         if model_id not in self.served:
@@ -258,34 +267,52 @@ class SegmentAPI:
             checked = prompt_request(prompts, boxes, self.max_prompts)
         except ValueError as exc:
             raise UploadError(422, str(exc)) from exc
-        if mode not in MODES:
-            raise UploadError(422, f"mode {mode!r} is not one of {', '.join(MODES)}")
-        if mode == "propagate" and not self.trackers[model_id]:
-            raise UploadError(422, f"model {model_id!r} has no tracker (an image model): mode propagate needs a "
-                                   "video checkpoint; see /v1/models")
-        if mode == "propagate":
-            try:
-                checked.require_seeds()
-            except ValueError as exc:
-                raise UploadError(422, str(exc)) from exc
+        self._check_mode(mode, model_id, checked)
         # the body has streamed to a spooled temporary file (IngressGuard cut it at the limit)
         with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
             path = await asyncio.to_thread(store_upload, file.file, file.filename, Path(private), self.zip_limits)
             if fmt == "dicom-seg" and not path.is_dir():  # a zip was extracted into a folder
                 raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
+            return await self._segment_scan(
+                path, file.filename, len(checked.prompts), model_id, mode, lambda scan: (checked, boxes),
+                lambda scan, results: self._respond(scan, results, fmt, preview, Path(private), model_id))
+
+    def _check_mode(self, mode: str, model_id: str, checked=None) -> None:
+        from medsam3.inference import MODES
+
+        if mode not in MODES:
+            raise UploadError(422, f"mode {mode!r} is not one of {', '.join(MODES)}")
+        if mode == "propagate" and not self.trackers[model_id]:
+            raise UploadError(422, f"model {model_id!r} has no tracker (an image model): mode propagate needs a "
+                                   "video checkpoint; see /v1/models")
+        if mode == "propagate" and checked is not None:
             try:
-                voxels = self._check_size(await asyncio.to_thread(declared_shape, path))
-                async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + len(checked.prompts))):
-                    scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
-                    self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
-                    if mode == "propagate" and scan.is_3d:
-                        results = await self._propagate(scan.case, checked, boxes, model_id)
-                    else:
-                        results = await self._run(scan.case, checked, model_id)
-                    return await asyncio.to_thread(self._respond, scan, results, fmt, preview, Path(private),
-                                                   model_id)
-            except CaseError as exc:
-                raise UploadError(422, f"{file.filename}: {str(exc).replace(str(path), 'upload')}") from exc
+                checked.require_seeds()
+            except ValueError as exc:
+                raise UploadError(422, str(exc)) from exc
+
+    async def _segment_scan(self, path: Path, name: str | None, prompts: int, model_id: str, mode: str, ask,
+                            answer) -> Response:
+        """The one way from a stored upload to an answer (/v1 and MONAI Label): the header's shape
+        against the limits, then, holding the request's share of the decoded-memory budget, the
+        decoded scan, ``ask(scan)`` → (checked prompts, box texts), the model's masks, and
+        ``answer(scan, results)`` → the response (in a thread)."""
+        from medsam3.io.case import CaseError
+        from medsam3.io.scan import declared_shape, read_scan
+
+        try:
+            voxels = self._check_size(await asyncio.to_thread(declared_shape, path))
+            async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + prompts)):
+                scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
+                self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
+                checked, boxes = ask(scan)
+                if mode == "propagate" and scan.is_3d:
+                    results = await self._propagate(scan.case, checked, boxes, model_id)
+                else:
+                    results = await self._run(scan.case, checked, model_id)
+                return await asyncio.to_thread(answer, scan, results)
+        except CaseError as exc:
+            raise UploadError(422, f"{name}: {str(exc).replace(str(path), 'upload')}") from exc
 
     def _check_size(self, shape: tuple[int, ...]) -> int:
         """The voxels of a spatial shape, or 413 when it passes ``max_side`` / ``max_voxels``."""
@@ -345,6 +372,252 @@ class SegmentAPI:
         return JSONResponse(body)
 
 
+    # --- MONAI Label protocol (3D Slicer, OHIF, MONAI Label's client): serve/monailabel.py ------------
+
+    @api.get("/info/", tags=["MONAI Label"])
+    def ml_info(self, authorization: Annotated[str | None, Header()] = None) -> dict:
+        """The app, its models (each checkpoint and adapter: text and interactive) and their labels."""
+        from medsam3 import __version__
+        from serve.monailabel import info
+
+        return info(self.labels, self.trackers, self._datastore_status(authorization), __version__)
+
+    @api.post("/infer/{model}", tags=["MONAI Label"])
+    async def ml_infer(
+        self,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        output: str | None = None,
+        params: Annotated[str, Form(description="JSON: labels / label, foreground, background, roi, "
+                                                "result_extension, result_dtype, mode")] = "{}",
+        file: Annotated[UploadFile | None, File(description="NIfTI, NRRD or a zip of one DICOM series")] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Segment an uploaded file, a session's image or a datastore image (in that order)."""
+        from serve.monailabel import OUTPUTS, ProtocolError, parse_params, result_extension, served_model
+
+        try:
+            if output is not None and output not in OUTPUTS:
+                raise ProtocolError(422, f"output {output!r} is not one of {', '.join(OUTPUTS)}")
+            model_id, interactive = served_model(model, self.served)
+            asked = parse_params(params, self.labels[model_id], interactive, self.max_prompts)
+            self._check_mode(asked.mode, model_id)
+            with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
+                path, name = await self._ml_source(file, session_id, image, authorization, Path(private))
+                from medsam3.io.scan import scan_kind
+
+                extension = result_extension(asked, output, scan_kind(path))
+                return await self._segment_scan(
+                    path, name, len(asked.prompts), model_id, asked.mode,
+                    lambda scan: self._ml_prompts(scan, asked, model_id),
+                    lambda scan, results: self._ml_answer(scan, results, asked, model, model_id, interactive,
+                                                          output, extension, Path(private)))
+        except (ProtocolError, UploadError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        except AdapterError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    async def _ml_source(self, file, session_id: str, image: str, authorization, private: Path) -> tuple[Path, str]:
+        from serve.monailabel import ProtocolError
+
+        space = self._space(authorization)
+        for kind, key in (("session", session_id), ("datastore", None if file is not None else image)):
+            if key:
+                found = await asyncio.to_thread(self.store.get, space, kind, key)
+                if found is None:
+                    raise ProtocolError(404, f"{kind} image {key!r} not found (expired or never uploaded)")
+                return found[0], key
+        if file is None:
+            raise ProtocolError(422, "send a file, an image id (datastore) or a session_id")
+        path = await asyncio.to_thread(store_upload, file.file, file.filename, private, self.zip_limits)
+        return path, file.filename
+
+    def _ml_prompts(self, scan, asked, model_id: str):
+        """The decoded scan's prompts: boxes from the ROI / clicks in the model's planes."""
+        from medsam3.inference import prompt_request
+        from serve.monailabel import ProtocolError, VoxelFrame, request_boxes
+
+        boxes, _ = request_boxes(asked, VoxelFrame(scan, self.preps[model_id].axis), asked.mode)
+        try:
+            return prompt_request(asked.prompts, boxes, self.max_prompts), boxes
+        except ValueError as exc:
+            raise ProtocolError(422, str(exc)) from exc
+
+    def _ml_answer(self, scan, results, asked, requested: str, model_id: str, interactive: bool, output,
+                   extension: str, folder: Path) -> Response:
+        import uuid
+
+        from serve.monailabel import (
+            MIME,
+            VoxelFrame,
+            label_summary,
+            label_values,
+            multipart,
+            refine,
+            request_boxes,
+            write_result,
+        )
+
+        frame = VoxelFrame(scan, self.preps[model_id].axis)
+        _, bounds = request_boxes(asked, frame, asked.mode)
+        masks = [refine(r.mask, frame, asked, bounds) for r in results]
+        names, values = label_values(self.labels[model_id], asked.prompts, interactive)
+        body = {"model": requested, "mode": asked.mode, "label_names": names,
+                "labels": label_summary(scan, results, masks, values)}
+        if output == "json":
+            return JSONResponse(body)
+        path = write_result(scan, masks, asked.prompts, values, extension, asked.dtype,
+                            folder / f"medsam3-{uuid.uuid4().hex[:12]}{extension}")
+        if output in ("image", "dicom_seg"):
+            return Response(path.read_bytes(), media_type=MIME[extension],
+                            headers={"content-disposition": f'attachment; filename="{path.name}"'})
+        content, content_type = multipart(body, path.name, path.read_bytes(), MIME[extension])
+        return Response(content, media_type=content_type)
+
+    def _space(self, authorization: str | None) -> str:
+        from serve.monailabel import namespace
+
+        return namespace(authorization, IngressGuard.keys is not None)
+
+    def _datastore_status(self, authorization: str | None) -> dict:
+        entries = self.store.entries(self._space(authorization), "datastore")
+        return {"total": len(entries), "completed": 0, "label_tags": {}, "train": 0}
+
+    async def _checked_upload(self, files: list[UploadFile], private: Path) -> Path:
+        """One file (a zip: a DICOM series), or several (the files of a DICOM series), stored and
+        their declared shape checked against the limits before anything is kept."""
+        from medsam3.io.case import CaseError
+        from medsam3.io.scan import declared_shape
+
+        if len(files) == 1:
+            path = await asyncio.to_thread(store_upload, files[0].file, files[0].filename, private, self.zip_limits)
+        else:
+            path = private / "series"
+            path.mkdir()
+            for n, upload in enumerate(files):  # names are ours: nothing the client sends becomes a path
+                await asyncio.to_thread(_copy_to, upload.file, path / f"{n:05d}.dcm")
+        try:
+            self._check_size(await asyncio.to_thread(declared_shape, path))
+        except CaseError as exc:
+            name = files[0].filename if len(files) == 1 else f"{len(files)} files"
+            raise UploadError(422, f"{name}: {str(exc).replace(str(path), 'upload')}") from exc
+        return path
+
+    @api.put("/datastore/", tags=["MONAI Label"])
+    async def ml_put_image(
+        self,
+        file: Annotated[UploadFile, File(description="NIfTI, NRRD or a zip of one DICOM series")],
+        image: str | None = None,
+        params: Annotated[str, Form()] = "{}",
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Keep an image for later /infer?image=ID calls (id: ``image``, else the file's name)."""
+        from serve.monailabel import ProtocolError
+
+        image_id = (image or "").strip() or Path(file.filename or "").name.split(".")[0]
+        try:
+            if not image_id or len(image_id) > 256:
+                raise ProtocolError(422, "an image id of 1-256 characters is needed (?image=ID)")
+            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.root) as private:
+                path = await self._checked_upload([file], Path(private))
+                await asyncio.to_thread(self.store.put, self._space(authorization), "datastore", image_id, path,
+                                        {"params": _json_object(params)})
+        except (ProtocolError, UploadError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"image": image_id})
+
+    @api.get("/datastore/", tags=["MONAI Label"])
+    def ml_datastore(self, output: str | None = None, authorization: Annotated[str | None, Header()] = None) -> dict:
+        """The caller's images (``output=all|json``), or their count."""
+        if output not in ("all", "json"):
+            return self._datastore_status(authorization)
+        entries = self.store.entries(self._space(authorization), "datastore")
+        return {"name": "MedSAM3", "objects": {m["id"]: {"image": {"ext": "".join(Path(m["name"]).suffixes),
+                                                                    "info": {"bytes": m["bytes"],
+                                                                             "ts": int(m["created"])}},
+                                                          "labels": {}} for m in entries}}
+
+    @api.get("/datastore/image", tags=["MONAI Label"])
+    def ml_get_image(self, image: str, authorization: Annotated[str | None, Header()] = None) -> Response:
+        found = self.store.get(self._space(authorization), "datastore", image)
+        if found is None:
+            return JSONResponse({"detail": f"image {image!r} not found"}, status_code=404)
+        return self._stored_file(*found)
+
+    @api.delete("/datastore/image", tags=["MONAI Label"])
+    def ml_remove_image(self, id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        if self.store.remove(self._space(authorization), "datastore", id) is None:
+            return JSONResponse({"detail": f"image {id!r} not found"}, status_code=404)
+        return JSONResponse({})
+
+    @api.put("/session/", tags=["MONAI Label"])
+    async def ml_create_session(
+        self,
+        files: Annotated[list[UploadFile], File(description="one NIfTI / NRRD / zip, or a DICOM series' files")],
+        uncompress: bool = False,
+        expiry: int = 0,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """An image kept for ``expiry`` seconds (default ``ttl_s``) under a new session id."""
+        import uuid
+
+        from serve.monailabel import ProtocolError, session_info
+
+        session_id = uuid.uuid4().hex
+        ttl = min(float(expiry), 86400.0) if expiry > 0 else None
+        try:
+            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.root) as private:
+                path = await self._checked_upload(files, Path(private))
+                meta = await asyncio.to_thread(self.store.put, self._space(authorization), "session", session_id,
+                                               path, {}, ttl)
+        except (ProtocolError, UploadError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"session_id": session_id, "session_info": session_info(meta)})
+
+    @api.get("/session/{session_id}", tags=["MONAI Label"])
+    def ml_get_session(self, session_id: str, image: bool = False,
+                       authorization: Annotated[str | None, Header()] = None) -> Response:
+        from serve.monailabel import session_info
+
+        found = self.store.get(self._space(authorization), "session", session_id)
+        if found is None:
+            return JSONResponse({"detail": f"session {session_id!r} not found"}, status_code=404)
+        return self._stored_file(*found) if image else JSONResponse(session_info(found[1]))
+
+    @api.delete("/session/{session_id}", tags=["MONAI Label"])
+    def ml_remove_session(self, session_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
+        from serve.monailabel import session_info
+
+        meta = self.store.remove(self._space(authorization), "session", session_id)
+        if meta is None:
+            return JSONResponse({"detail": f"session {session_id!r} not found"}, status_code=404)
+        return JSONResponse(session_info(meta))
+
+    @staticmethod
+    def _stored_file(path: Path, meta: dict) -> Response:
+        if path.is_dir():
+            return JSONResponse({"detail": f"{meta['id']!r} is a DICOM series: it is not sent back"}, status_code=422)
+        return Response(path.read_bytes(), media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="{path.name}"'})
+
+    @api.get("/auth/", tags=["MONAI Label"])
+    def ml_auth(self) -> dict:
+        """Whether a key is needed (3D Slicer then asks for one: the password field)."""
+        return {"enabled": IngressGuard.keys is not None, "client_id": "medsam3"}
+
+    @api.post("/auth/token", tags=["MONAI Label"])
+    def ml_token(self, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "") -> JSONResponse:
+        """MONAI Label's login: the password is an API key; the token is that key."""
+        if IngressGuard.keys is not None and not IngressGuard.keys.allows(f"Bearer {password}"):
+            return JSONResponse({"detail": "the password must be a valid API key"}, status_code=401)
+        return JSONResponse({"access_token": password, "token_type": "bearer"})
+
+    @api.get("/auth/token/valid", tags=["MONAI Label"])
+    def ml_token_valid(self) -> dict:
+        return {}  # IngressGuard has checked the key
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder. ``args``: ``checkpoints`` ({id: directory}, the first is the
     default), ``adapters`` ({id: LoRA adapter directory} on the default checkpoint), ``settings``
@@ -369,3 +642,25 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = SegmentModel.options(**options.get("SegmentModel", {}))
     ingress = SegmentAPI.options(**options.get("SegmentAPI", {}))
     return ingress.bind(model.bind(checkpoints, settings, adapters), checkpoints, settings, adapters)
+
+
+def _vocabulary_prompts(plans) -> list[str]:
+    """The text prompts a checkpoint's vocabulary resolves its label names to."""
+    return [plans.vocab.resolve(name).prompt for name in plans.vocab.names()]
+
+
+def _json_object(text: str) -> dict:
+    from serve.monailabel import ProtocolError
+
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(422, f"params is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(422, "params must be a JSON object")
+    return value
+
+
+def _copy_to(source, path: Path) -> None:
+    with open(path, "wb") as sink:
+        shutil.copyfileobj(source, sink, 2**20)

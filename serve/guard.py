@@ -4,7 +4,7 @@ API keys are bearer tokens (``Authorization: Bearer KEY``) read from a file (one
 ``sha256:HEX`` holds a key's digest instead of the key) or from an environment variable
 (keys separated by commas or whitespace), both named in the app's ``settings.auth``. Only their
 SHA-256 digests are kept; a presented key is hashed and compared with every digest in constant
-time. ``/v1/*`` needs a key; ``/healthz``, ``/readyz``, the page and the API docs stay open. A
+time. ``/v1/*`` and the MONAI Label routes need a key; ``/healthz``, ``/readyz``, the page and the API docs stay open. A
 request without a valid key is answered 401 before its body is read; keys never reach a log.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 
 from serve.limits import BodyLimit, Receive, Scope, Send, send_json, upload_bytes
 
-PROTECTED = "/v1/"
+# /v1 and the MONAI Label routes (serve/monailabel.py; /auth/ and /auth/token stay open for its login)
+PROTECTED = ("/v1/", "/info", "/infer", "/datastore", "/session", "/auth/token/valid")
 
 
 class AuthError(ValueError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-SUFFIXES = (".nii.gz", ".nii", ".npz", ".png", ".jpg", ".jpeg", ".zip")
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".npz", ".png", ".jpg", ".jpeg", ".zip")
 
 
 class UploadError(ValueError):
@@ -33,7 +33,7 @@ def upload_suffix(filename: str | None) -> str:
         if name.endswith(suffix):
             return suffix
     raise UploadError(415, f"unsupported file type {Path(name).suffix or '(none)'!r}: send PNG/JPEG, "
-                           "NIfTI (.nii, .nii.gz), NPZ, or a zip of one DICOM series")
+                           "NIfTI (.nii, .nii.gz), NRRD, NPZ, or a zip of one DICOM series")
 
 
 CHUNK = 2**20
