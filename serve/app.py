@@ -23,7 +23,6 @@ RayService) and ``medsam3 serve`` both use.
 import asyncio
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -178,10 +177,10 @@ class SegmentAPI:
             self.preps[name] = base_prep if plans is base_prep.plans else Preprocessor(plans, size)
             self.trackers[name] = self.trackers[self.default]
             self.trained[name] = adapter_prompts(path, self.trained[self.default])
-        from serve.monailabel import ImageStore, label_ids
+        from serve.monailabel import ImageStore, label_ids, vocabulary_prompts
 
         # MONAI Label (serve/monailabel.py): stable label ids per model, and the uploaded-image store
-        self.labels = {name: label_ids(self.trained[name], _vocabulary_prompts(self.preps[name].plans))
+        self.labels = {name: label_ids(self.trained[name], vocabulary_prompts(self.preps[name].plans))
                        for name in self.served}
         viewer = settings.get("monailabel") or {}
         self.store = ImageStore(viewer.get("store_dir") or Path(tempfile.gettempdir()) / "medsam3-monailabel",
@@ -489,6 +488,7 @@ class SegmentAPI:
         their declared shape checked against the limits before anything is kept."""
         from medsam3.io.case import CaseError
         from medsam3.io.scan import declared_shape
+        from serve.monailabel import copy_to
 
         if len(files) == 1:
             path = await asyncio.to_thread(store_upload, files[0].file, files[0].filename, private, self.zip_limits)
@@ -496,7 +496,7 @@ class SegmentAPI:
             path = private / "series"
             path.mkdir()
             for n, upload in enumerate(files):  # names are ours: nothing the client sends becomes a path
-                await asyncio.to_thread(_copy_to, upload.file, path / f"{n:05d}.dcm")
+                await asyncio.to_thread(copy_to, upload.file, path / f"{n:05d}.dcm")
         try:
             self._check_size(await asyncio.to_thread(declared_shape, path))
         except CaseError as exc:
@@ -513,16 +513,16 @@ class SegmentAPI:
         authorization: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
         """Keep an image for later /infer?image=ID calls (id: ``image``, else the file's name)."""
-        from serve.monailabel import ProtocolError
+        from serve.monailabel import ProtocolError, json_object
 
         image_id = (image or "").strip() or Path(file.filename or "").name.split(".")[0]
         try:
             if not image_id or len(image_id) > 256:
                 raise ProtocolError(422, "an image id of 1-256 characters is needed (?image=ID)")
-            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.root) as private:
+            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.incoming) as private:
                 path = await self._checked_upload([file], Path(private))
                 await asyncio.to_thread(self.store.put, self._space(authorization), "datastore", image_id, path,
-                                        {"params": _json_object(params)})
+                                        {"params": json_object(params)})
         except (ProtocolError, UploadError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
         return JSONResponse({"image": image_id})
@@ -567,7 +567,7 @@ class SegmentAPI:
         session_id = uuid.uuid4().hex
         ttl = min(float(expiry), 86400.0) if expiry > 0 else None
         try:
-            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.root) as private:
+            with tempfile.TemporaryDirectory(prefix="medsam3-", dir=self.store.incoming) as private:
                 path = await self._checked_upload(files, Path(private))
                 meta = await asyncio.to_thread(self.store.put, self._space(authorization), "session", session_id,
                                                path, {}, ttl)
@@ -642,25 +642,3 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = SegmentModel.options(**options.get("SegmentModel", {}))
     ingress = SegmentAPI.options(**options.get("SegmentAPI", {}))
     return ingress.bind(model.bind(checkpoints, settings, adapters), checkpoints, settings, adapters)
-
-
-def _vocabulary_prompts(plans) -> list[str]:
-    """The text prompts a checkpoint's vocabulary resolves its label names to."""
-    return [plans.vocab.resolve(name).prompt for name in plans.vocab.names()]
-
-
-def _json_object(text: str) -> dict:
-    from serve.monailabel import ProtocolError
-
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(422, f"params is not JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ProtocolError(422, "params must be a JSON object")
-    return value
-
-
-def _copy_to(source, path: Path) -> None:
-    with open(path, "wb") as sink:
-        shutil.copyfileobj(source, sink, 2**20)

@@ -77,6 +77,11 @@ def info(models: dict[str, dict[str, int]], trackers: dict[str, bool], datastore
             "scoring": {}, "train_stats": {}, "datastore": datastore}
 
 
+def vocabulary_prompts(plans) -> list[str]:
+    """The text prompts a checkpoint's vocabulary resolves its label names to."""
+    return [plans.vocab.resolve(name).prompt for name in plans.vocab.names()]
+
+
 def served_model(name: str, served: dict) -> tuple[str, bool]:
     """``/infer/{model}`` → (served model id, interactive?); ProtocolError 404 when unknown."""
     interactive = name.endswith(INTERACTIVE) and name.removesuffix(INTERACTIVE) in served
@@ -123,12 +128,7 @@ def parse_params(text: str | None, labels: dict[str, int], interactive: bool, ma
 
     Text prompts: ``label`` (the interactive model's segment), or ``labels`` / ``prompts`` (a list
     or comma-separated text; the viewer's option field); default every label of the model."""
-    try:
-        params = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(422, f"params is not JSON ({exc})") from exc
-    if not isinstance(params, dict):
-        raise ProtocolError(422, "params must be a JSON object")
+    params = json_object(text)
     if interactive:
         prompts = _names([params.get("label", "")])
         if len(prompts) != 1:
@@ -138,7 +138,9 @@ def parse_params(text: str | None, labels: dict[str, int], interactive: bool, ma
     if not prompts:
         raise ProtocolError(422, "the model has no labels: name the text prompts in params.labels")
     if len(prompts) > max_prompts:
-        raise ProtocolError(422, f"{len(prompts)} labels: at most {max_prompts} per request")
+        every = "" if _names(params.get("labels")) or _names(params.get("prompts")) else \
+            " (the model's labels, asked by default): name the ones to segment in params.labels or the option prompts"
+        raise ProtocolError(422, f"{len(prompts)} labels: at most {max_prompts} per request{every}")
     roi = params.get("roi") or None
     if roi is not None:
         try:
@@ -157,6 +159,17 @@ def parse_params(text: str | None, labels: dict[str, int], interactive: bool, ma
     mode = str(params.get("mode") or "slices")
     return InferParams(prompts, _points(params.get("foreground"), "foreground"),
                        _points(params.get("background"), "background"), roi, mode, extension, DTYPES[dtype])
+
+
+def json_object(text: str | None) -> dict[str, Any]:
+    """A form field holding a JSON object (ProtocolError 422 otherwise)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(422, f"params is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(422, "params must be a JSON object")
+    return value
 
 
 # --- coordinates ---------------------------------------------------------------------------------
@@ -346,7 +359,8 @@ class ImageStore:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.ttl_s = float(ttl_s)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / ".incoming"  # uploads being checked (same filesystem: moved in)
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     def _folder(self, space: str, kind: str, image_id: str) -> Path:
         return self.root / space / kind / hashlib.sha256(image_id.encode()).hexdigest()[:32]
@@ -364,7 +378,7 @@ class ImageStore:
         staging = self.root / space / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
         shutil.move(os.fspath(upload), staging / upload.name)
-        (staging / "meta.json").write_text(json.dumps(meta))
+        _write_meta(staging, meta)
         target = self._folder(space, kind, image_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         old = None
@@ -384,7 +398,7 @@ class ImageStore:
         if meta is None or self._expired(meta, time.time()):
             return None
         meta["last_access"] = time.time()
-        (folder / "meta.json").write_text(json.dumps(meta))
+        _write_meta(folder, meta)
         return folder / meta["name"], meta
 
     def remove(self, space: str, kind: str, image_id: str) -> dict[str, Any] | None:
@@ -396,15 +410,18 @@ class ImageStore:
 
     def entries(self, space: str, kind: str) -> list[dict[str, Any]]:
         now = time.time()
-        found = [self._meta(f) for f in sorted((self.root / space / kind).glob("*")) if f.is_dir()]
-        return [m for m in found if m is not None and not self._expired(m, now)]
+        found = [self._meta(folder) for folder in _listdir(self.root / space / kind)]
+        return sorted((m for m in found if m is not None and not self._expired(m, now)), key=lambda m: m["id"])
 
     def evict(self, keep: Path | None = None) -> None:
         """Drop expired entries, then the least recently used until the store fits."""
         now = time.time()
         live = []
-        for folder in self.root.glob("*/*/*"):
-            meta = self._meta(folder) if folder.parent.name in self.KINDS else None
+        # other requests add and remove entries meanwhile: every listing tolerates vanished folders
+        folders = [folder for space in _listdir(self.root) if not space.name.startswith(".")
+                   for kind in self.KINDS for folder in _listdir(space / kind)]
+        for folder in folders:
+            meta = self._meta(folder)
             if meta is None:
                 continue
             if self._expired(meta, now) and folder != keep:
@@ -431,6 +448,20 @@ class ImageStore:
         return now - float(meta["last_access"]) > float(meta["ttl_s"])
 
 
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return [entry for entry in folder.iterdir() if entry.is_dir() and ".old-" not in entry.name]
+    except OSError:
+        return []
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Atomically (readers in other requests never see half a file)."""
+    part = folder / f".meta-{uuid.uuid4().hex}"
+    part.write_text(json.dumps(meta))
+    os.replace(part, folder / "meta.json")
+
+
 def session_info(meta: dict[str, Any]) -> dict[str, Any]:
     """MONAI Label's session description (no server paths)."""
     return {"name": meta["id"], "image": meta["name"], "meta": meta.get("params", {}),
@@ -445,3 +476,9 @@ def multipart(params: dict[str, Any], filename: str, content: bytes, mime: str) 
     body, content_type = encode_multipart_formdata(
         [("params", json.dumps(params)), ("image", (filename, content, mime))])
     return body, content_type
+
+
+def copy_to(source, path: Path) -> None:
+    """An uploaded part into ``path`` in chunks."""
+    with open(path, "wb") as sink:
+        shutil.copyfileobj(source, sink, 2**20)

@@ -11,7 +11,6 @@ kept per API key; bad requests get clear 4xx answers and the server stays up.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import shutil
 import zipfile
@@ -146,10 +145,11 @@ def test_upload_then_infer_answers_in_the_inputs_geometry(client, url, tmp_path)
     for prompt, mask in expected.items():
         assert np.array_equal(data == params["label_names"][prompt], mask), prompt
     assert sum(m.sum() for m in expected.values()) > 0
-    summary = {entry["label"]: entry for entry in params["labels"]}
+    summary = {entry["label"]: entry for entry in params["labels"]}  # each label's own mask, before overlaps
+    voxels = v1(url, path, ["lesion"])["lesion"].sum()
     voxel_ml = np.prod(source.header.get_zooms()[:3]) / 1000
-    assert summary["lesion"]["voxels"] == expected["lesion"].sum()
-    assert summary["lesion"]["volume_ml"] == pytest.approx(expected["lesion"].sum() * voxel_ml, abs=1e-3)
+    assert summary["lesion"]["voxels"] == voxels and summary["lesion"]["id"] == labels["lesion"]
+    assert summary["lesion"]["volume_ml"] == pytest.approx(voxels * voxel_ml, abs=1e-3)
 
 
 def test_slicers_session_request_with_nrrd_gets_nrrd_back(client, url, tmp_path):
@@ -199,21 +199,25 @@ def test_clicks_and_an_roi_land_on_the_voxels_they_name(client, url, tmp_path):
     (Slicer's [i0, i1, j0, j1, k0, k1]) confines the answer to its voxels."""
     path = lps_nifti(tmp_path / "ct.nii.gz")
     client.upload_image(str(path), "ct")
-    text = v1(url, path, ["lesion"])["lesion"]  # file voxel order (the answer is in the input's geometry)
-    objects, count = ndimage.label(text, structure=np.ones((3, 3, 3)))
+    # a prompt whose text answer has several objects (file voxel order: answers are in the input's geometry)
+    for prompt in ("lesion", "liver", "spleen", "kidney", "aorta", "lung", "bone", "stomach"):
+        text = v1(url, path, [prompt])[prompt]
+        objects, count = ndimage.label(text, structure=np.ones((3, 3, 3)))
+        if count >= 2:
+            break
     assert count >= 2, "the test needs several objects to pick one"
     sizes = ndimage.sum(text, objects, range(1, count + 1))
     chosen = int(np.argsort(sizes)[-2]) + 1  # not the largest: picking the right one matters
     click = [int(v) for v in np.argwhere(objects == chosen)[0]]
-    result, params = client.infer("a-interactive", "ct", {"label": "lesion", "foreground": [click]})
+    result, params = client.infer("a-interactive", "ct", {"label": prompt, "foreground": [click]})
     kept = np.asanyarray(nib.load(result).dataobj)
-    assert params["label_names"] == {"lesion": 1}
+    assert params["label_names"] == {prompt: 1}
     assert np.array_equal(kept == 1, objects == chosen)
-    result, _ = client.infer("a-interactive", "ct", {"label": "lesion", "background": [click]})
+    result, _ = client.infer("a-interactive", "ct", {"label": prompt, "background": [click]})
     assert np.array_equal(np.asanyarray(nib.load(result).dataobj) == 1, text & (objects != chosen))
     lo, hi = np.argwhere(text).min(0), np.argwhere(text).max(0)
     roi = [int(lo[0]), int((lo[0] + hi[0]) // 2), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
-    result, _ = client.infer("a-interactive", "ct", {"label": "lesion", "roi": roi})
+    result, _ = client.infer("a-interactive", "ct", {"label": prompt, "roi": roi})
     inside = np.zeros(text.shape, bool)
     inside[roi[0]:roi[1] + 1, roi[2]:roi[3] + 1, roi[4]:roi[5] + 1] = True
     answer = np.asanyarray(nib.load(result).dataobj) == 1
@@ -267,7 +271,7 @@ def test_bad_requests_get_clear_answers_and_keys_keep_images_apart(client, url, 
     other.update_auth({"token_type": "bearer", "access_token": OTHER_KEY})
     assert "mine" not in other.datastore()["objects"] and "mine" in client.datastore()["objects"]
     with pytest.raises(MONAILabelClientException) as hidden:
-        other.infer("a", "mine", {})
+        other.infer("a", "mine", {"labels": ["liver"]})
     assert "404" in hidden.value.msg
     detached = tmp_path / "detached.nrrd"
     detached.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
@@ -323,3 +327,33 @@ def test_the_store_forgets_the_least_recently_used(tmp_path):
     short.put("k", "session", "d", upload, {})
     assert short.get("k", "session", "d") is None
     shutil.rmtree(tmp_path / "short")
+
+
+def test_the_page_shows_what_a_viewer_lists(url, tmp_path):
+    """The page's "3D Slicer / OHIF" panel lists /info's models and labels (its screenshot is in
+    the README: MEDSAM3_SCREENSHOT_DIR=docs/images keeps it)."""
+    import os
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("no chromium here")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.click("#viewers summary")
+        page.wait_for_selector("#mlmodels tr", timeout=30_000)
+        rows = [row.inner_text() for row in page.query_selector_all("#mlmodels tr")]
+        assert page.inner_text("#server") == url
+        folder = Path(os.environ.get("MEDSAM3_SCREENSHOT_DIR", tmp_path))
+        page.locator("#viewers").screenshot(path=str(folder / "viewers.png"))
+        browser.close()
+    assert [r.split("\t")[:2] for r in rows] == [["a", "segmentation"], ["a-interactive", "deepgrow"],
+                                                 ["v", "segmentation"], ["v-interactive", "deepgrow"]]
+    assert "liver (" in rows[0] and (folder / "viewers.png").stat().st_size > 5000
