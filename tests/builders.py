@@ -266,3 +266,18 @@ def lora_adapter(checkpoint: Path, folder: Path, seed: int, scale: float = 0.1) 
                     param.normal_(0.0, scale)
     model.save_pretrained(folder)
     return folder
+
+
+def chromium() -> str:
+    """Debian's Chromium for the page tests (Playwright drives it): skipped where it is missing,
+    a failure in CI, which installs it."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("no chromium here")
+    return found

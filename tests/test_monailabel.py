@@ -28,7 +28,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from scipy import ndimage
 
-from tests.builders import SERVE_LIMITS, load_recist, uint8_to_hu, write_ct_series
+from tests.builders import SERVE_LIMITS, chromium, load_recist, uint8_to_hu, write_ct_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -281,7 +281,7 @@ def test_bad_requests_get_clear_answers_and_keys_keep_images_apart(client, url, 
                      + gzip.compress(b"\0" * 2**20))
     auth = {"Authorization": f"Bearer {KEY}"}
 
-    def infer(model="a", params="{}", file=None, query=""):
+    def infer(model="a", params='{"labels": ["liver"]}', file=None, query=""):
         files = {"file": (file.name, file.read_bytes())} if file else None
         return requests.post(f"{url}/infer/{model}?image=mine{query}", data={"params": params}, files=files,
                              headers=auth, timeout=60)
@@ -292,12 +292,14 @@ def test_bad_requests_get_clear_answers_and_keys_keep_images_apart(client, url, 
         (infer(params=json.dumps({"labels": [f"p{i}" for i in range(20)]})), 422, "at most"),
         (infer(model="a-interactive", params=json.dumps({"label": "x", "foreground": [[999, 0, 0]]})), 422,
          "outside the image"),
-        (infer(params=json.dumps({"result_extension": ".dcm"})), 422, "DICOM series"),
-        (infer(params=json.dumps({"mode": "propagate"})), 422, "no tracker"),
+        (infer(params="{}"), 422, "name the ones to segment"),  # 90 vocabulary labels by default
+        (infer(params=json.dumps({"labels": "liver", "result_extension": ".dcm"})), 422, "DICOM series"),
+        (infer(params=json.dumps({"labels": "liver", "mode": "propagate"})), 422, "no tracker"),
         (infer(query="&output=svg"), 422, "output"),
         (infer(file=detached), 422, "detached"),
         (infer(file=bomb), 422, "inflates beyond"),
-        (requests.post(f"{url}/infer/a?image=gone", data={"params": "{}"}, headers=auth, timeout=30), 404,
+        (requests.post(f"{url}/infer/a?image=gone", data={"params": '{"labels": "liver"}'}, headers=auth,
+                       timeout=30), 404,
          "not found"),
         (requests.get(f"{url}/info/", timeout=30), 401, "API key"),
         (requests.put(f"{url}/datastore/?image=x", files={"file": ("x.txt", b"hello")}, headers=auth,
@@ -334,15 +336,10 @@ def test_the_page_shows_what_a_viewer_lists(url, tmp_path):
     the README: MEDSAM3_SCREENSHOT_DIR=docs/images keeps it)."""
     import os
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
-        pytest.skip("no chromium here")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         page.goto(url + "/")
         page.fill("#key", KEY)

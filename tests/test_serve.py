@@ -45,6 +45,7 @@ from tests.builders import (
     SAMMED2D,
     SERVE_LIMITS,
     big_png,
+    chromium,
     load_recist,
     lora_adapter,
     nifti_claiming,
@@ -311,15 +312,10 @@ def test_a_burst_of_concurrent_requests_all_succeed(url):
 
 
 def test_the_page_in_headless_chromium(url, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
-        pytest.skip("no chromium here")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(url + "/")
         page.fill("#key", KEY)
