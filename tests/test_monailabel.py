@@ -172,6 +172,12 @@ def test_slicers_session_request_with_nrrd_gets_nrrd_back(client, url, tmp_path)
     nib.save(nib.Nifti1Image(nrrd.read(str(volume), index_order="F")[0], affine), as_nifti)
     for prompt, mask in v1(url, as_nifti, ["lesion", "liver"]).items():
         assert np.array_equal(data == out["label_names"][prompt], mask), prompt
+    # OHIF's extension asks output=image: the bare file, no multipart around it
+    ohif = requests.post(f"{url}/infer/a?image=&session_id={session['session_id']}&output=image",
+                         data={"params": json.dumps(params)}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ohif.status_code == 200 and ohif.headers["content-type"] == "application/octet-stream"
+    (tmp_path / "ohif.nrrd").write_bytes(ohif.content)
+    assert np.array_equal(nrrd.read(str(tmp_path / "ohif.nrrd"), index_order="F")[0], data)
     client.remove_session(session["session_id"])
     with pytest.raises(MONAILabelClientException):
         client.get_session(session["session_id"])
