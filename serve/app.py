@@ -39,7 +39,7 @@ from medsam3.ray_local import keep_serve_replicas_on_loopback
 from serve.encode import planes_shape, preview_planes, rle_planes
 from serve.guard import IngressGuard
 from serve.limits import Budget
-from serve.uploads import UploadError, ZipLimits, store_upload
+from serve.uploads import UploadError, ZipLimits, store_upload, unreadable
 
 keep_serve_replicas_on_loopback()  # runs in every replica process, before its gRPC server starts
 STATIC = Path(__file__).resolve().parent / "static"
@@ -273,8 +273,8 @@ class SegmentAPI:
             if fmt == "dicom-seg" and not path.is_dir():  # a zip was extracted into a folder
                 raise UploadError(422, "format dicom-seg needs a DICOM series (a zip) as input")
             return await self._segment_scan(
-                path, file.filename, len(checked.prompts), model_id, mode, lambda scan: (checked, boxes),
-                lambda scan, results: self._respond(scan, results, fmt, preview, Path(private), model_id))
+                path, file.filename, len(checked.prompts), model_id, mode, lambda scan: (checked, boxes, None),
+                lambda scan, results, _: self._respond(scan, results, fmt, preview, Path(private), model_id))
 
     def _check_mode(self, mode: str, model_id: str, checked=None) -> None:
         from medsam3.inference import MODES
@@ -294,8 +294,8 @@ class SegmentAPI:
                             answer) -> Response:
         """The one way from a stored upload to an answer (/v1 and MONAI Label): the header's shape
         against the limits, then, holding the request's share of the decoded-memory budget, the
-        decoded scan, ``ask(scan)`` → (checked prompts, box texts), the model's masks, and
-        ``answer(scan, results)`` → the response (in a thread)."""
+        decoded scan, ``ask(scan)`` → (checked prompts, box texts, context), the model's masks, and
+        ``answer(scan, results, context)`` → the response (in a thread)."""
         from medsam3.io.case import CaseError
         from medsam3.io.scan import declared_shape, read_scan
 
@@ -304,14 +304,14 @@ class SegmentAPI:
             async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + prompts)):
                 scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
                 self._check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
-                checked, boxes = ask(scan)
+                checked, boxes, context = ask(scan)
                 if mode == "propagate" and scan.is_3d:
                     results = await self._propagate(scan.case, checked, boxes, model_id)
                 else:
                     results = await self._run(scan.case, checked, model_id)
-                return await asyncio.to_thread(answer, scan, results)
+                return await asyncio.to_thread(answer, scan, results, context)
         except CaseError as exc:
-            raise UploadError(422, f"{name}: {str(exc).replace(str(path), 'upload')}") from exc
+            raise unreadable(name, path, exc) from exc
 
     def _check_size(self, shape: tuple[int, ...]) -> int:
         """The voxels of a spatial shape, or 413 when it passes ``max_side`` / ``max_voxels``."""
@@ -370,7 +370,6 @@ class SegmentAPI:
             body["preview"] = preview_planes(scan, self.preps[model_id], results[0].prompt)
         return JSONResponse(body)
 
-
     # --- MONAI Label protocol (3D Slicer, OHIF, MONAI Label's client): serve/monailabel.py ------------
 
     @api.get("/info/", tags=["MONAI Label"])
@@ -394,6 +393,7 @@ class SegmentAPI:
         authorization: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Segment an uploaded file, a session's image or a datastore image (in that order)."""
+        from medsam3.io.scan import scan_kind
         from serve.monailabel import OUTPUTS, ProtocolError, parse_params, result_extension, served_model
 
         try:
@@ -404,14 +404,13 @@ class SegmentAPI:
             self._check_mode(asked.mode, model_id)
             with tempfile.TemporaryDirectory(prefix="medsam3-") as private:
                 path, name = await self._ml_source(file, session_id, image, authorization, Path(private))
-                from medsam3.io.scan import scan_kind
-
                 extension = result_extension(asked, output, scan_kind(path))
                 return await self._segment_scan(
                     path, name, len(asked.prompts), model_id, asked.mode,
                     lambda scan: self._ml_prompts(scan, asked, model_id),
-                    lambda scan, results: self._ml_answer(scan, results, asked, model, model_id, interactive,
-                                                          output, extension, Path(private)))
+                    lambda scan, results, placement: self._ml_answer(
+                        scan, results, placement, asked, model, model_id, interactive, output, extension,
+                        Path(private)))
         except (ProtocolError, UploadError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
         except AdapterError as exc:
@@ -433,37 +432,34 @@ class SegmentAPI:
         return path, file.filename
 
     def _ml_prompts(self, scan, asked, model_id: str):
-        """The decoded scan's prompts: boxes from the ROI / clicks in the model's planes."""
+        """The decoded scan's prompts: boxes from the ROI / clicks in the model's planes (and the
+        placement, which the answer refines the masks with)."""
         from medsam3.inference import prompt_request
-        from serve.monailabel import ProtocolError, VoxelFrame, request_boxes
+        from serve.monailabel import ProtocolError, place
 
-        boxes, _ = request_boxes(asked, VoxelFrame(scan, self.preps[model_id].axis), asked.mode)
+        placement = place(asked, scan, self.preps[model_id].axis)
         try:
-            return prompt_request(asked.prompts, boxes, self.max_prompts), boxes
+            return prompt_request(asked.prompts, placement.boxes, self.max_prompts), placement.boxes, placement
         except ValueError as exc:
             raise ProtocolError(422, str(exc)) from exc
 
-    def _ml_answer(self, scan, results, asked, requested: str, model_id: str, interactive: bool, output,
-                   extension: str, folder: Path) -> Response:
+    def _ml_answer(self, scan, results, placement, asked, requested: str, model_id: str, interactive: bool,
+                   output, extension: str, folder: Path) -> Response:
+        import dataclasses
         import uuid
 
-        from serve.monailabel import (
-            MIME,
-            VoxelFrame,
-            label_summary,
-            label_values,
-            multipart,
-            refine,
-            request_boxes,
-            write_result,
-        )
+        from pipelines.predict import summarize
+        from serve.monailabel import MIME, label_values, multipart, refine, write_result
 
-        frame = VoxelFrame(scan, self.preps[model_id].axis)
-        _, bounds = request_boxes(asked, frame, asked.mode)
-        masks = [refine(r.mask, frame, asked, bounds) for r in results]
+        results = [dataclasses.replace(r, mask=refine(r.mask, placement)) for r in results]
+        masks = [r.mask for r in results]
         names, values = label_values(self.labels[model_id], asked.prompts, interactive)
-        body = {"model": requested, "mode": asked.mode, "label_names": names,
-                "labels": label_summary(scan, results, masks, values)}
+        summary = summarize(scan, results, self.checkpoints[self.served[model_id][0]], float(self.cfg.threshold))
+        labels = [{"label": entry.pop("prompt"), "id": value, **entry}  # the map's value, not predict's i+1
+                  for entry, value in zip(summary["prompts"], values, strict=True)]
+        for entry in labels:
+            entry.pop("label_value")
+        body = {"model": requested, "mode": asked.mode, "label_names": names, "labels": labels}
         if output == "json":
             return JSONResponse(body)
         path = write_result(scan, masks, asked.prompts, values, extension, asked.dtype,
@@ -500,8 +496,7 @@ class SegmentAPI:
         try:
             self._check_size(await asyncio.to_thread(declared_shape, path))
         except CaseError as exc:
-            name = files[0].filename if len(files) == 1 else f"{len(files)} files"
-            raise UploadError(422, f"{name}: {str(exc).replace(str(path), 'upload')}") from exc
+            raise unreadable(files[0].filename if len(files) == 1 else f"{len(files)} files", path, exc) from exc
         return path
 
     @api.put("/datastore/", tags=["MONAI Label"])
@@ -555,7 +550,7 @@ class SegmentAPI:
     async def ml_create_session(
         self,
         files: Annotated[list[UploadFile], File(description="one NIfTI / NRRD / zip, or a DICOM series' files")],
-        uncompress: bool = False,
+        uncompress: bool = False,  # MONAI Label's flag; a zip is always extracted (as one DICOM series)
         expiry: int = 0,
         authorization: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:

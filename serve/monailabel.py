@@ -235,42 +235,53 @@ def box_text(box: list[float], z: int | None) -> str:
     return text if z is None else f"{text}@z={z}"
 
 
-def request_boxes(params: InferParams, frame: VoxelFrame, mode: str) -> tuple[list[str | None], tuple | None]:
+@dataclass
+class Placement:
+    """Where a request's ROI and clicks land on one decoded scan (computed once per request)."""
+
+    boxes: list[str | None]  # every prompt's box text (medsam3.inference.box_from_text)
+    bounds: tuple[np.ndarray, np.ndarray] | None  # the ROI's canonical corners (inclusive)
+    foreground: np.ndarray  # canonical voxels of the clicks
+    background: np.ndarray
+
+
+def place(params: InferParams, scan, axis: int) -> Placement:
     """The box of every prompt (an ROI, or the extreme points of two or more foreground clicks on
-    one slice) and the ROI's canonical bounds (or None).
+    one slice), the ROI's canonical bounds and the clicks' canonical voxels.
 
     An ROI is a box prompt on every slice it spans (``slices``), or seeds propagation from its
     middle slice (``propagate``); clicks make a box on their own slice (the first slice with two)."""
+    frame = VoxelFrame(scan, axis)
     bounds = frame.roi_bounds(params.roi) if params.roi else None
+    foreground = frame.canonical(params.foreground, "params.foreground")
+    background = frame.canonical(params.background, "params.background")
     box: str | None = None
     if bounds is not None:
         xy, zs = frame.box(*bounds)
-        box = box_text(xy, zs[len(zs) // 2] if mode == "propagate" and frame.is_3d else None)
+        box = box_text(xy, zs[len(zs) // 2] if params.mode == "propagate" and frame.is_3d else None)
     else:
-        clicks = frame.canonical(params.foreground, "params.foreground")
         on_plane: dict[int, list] = {}
-        for point in clicks:
+        for point in foreground:
             on_plane.setdefault(frame.plane_xy(point)[2], []).append(point)
         for z, points in sorted(on_plane.items()):
             if len(points) >= 2:
                 xy, _ = frame.box(np.min(points, 0), np.max(points, 0))
                 box = box_text(xy, z if frame.is_3d else None)
                 break
-    return [box] * len(params.prompts), bounds
+    return Placement([box] * len(params.prompts), bounds, foreground, background)
 
 
-def refine(mask: np.ndarray, frame: VoxelFrame, params: InferParams, bounds: tuple | None) -> np.ndarray:
+def refine(mask: np.ndarray, placement: Placement) -> np.ndarray:
     """A prompt's mask after the clicks and the ROI: outside the ROI is cleared; with foreground
     clicks only the connected objects they touch are kept; objects a background click touches go."""
     from scipy import ndimage
 
-    if bounds is not None:
+    if placement.bounds is not None:
         confined = np.zeros_like(mask)
-        window = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(*bounds, strict=True))
+        window = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(*placement.bounds, strict=True))
         confined[window] = mask[window]
         mask = confined
-    foreground = frame.canonical(params.foreground, "params.foreground")
-    background = frame.canonical(params.background, "params.background")
+    foreground, background = placement.foreground, placement.background
     if not len(foreground) and not len(background):
         return mask
     objects, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
@@ -321,20 +332,6 @@ def write_result(scan, masks: list[np.ndarray], prompts: list[str], values: list
         return path
     image = source_label_image(masks, scan.case.affine, scan.source_affine, values, dtype)
     return write_label_image(image, path)
-
-
-def label_summary(scan, results, masks: list[np.ndarray], values: list[int]) -> list[dict[str, Any]]:
-    """Per prompt: its id, score, size (voxels, ml) and whether the model was trained on it."""
-    voxel_ml = float(np.prod(scan.case.spacing)) / 1000.0 if scan.is_3d else None
-    entries = []
-    for result, mask, value in zip(results, masks, values, strict=True):
-        count = int(mask.sum())
-        entry = {"label": result.prompt, "id": value, "score": round(result.score, 4),
-                 "voxels" if scan.is_3d else "pixels": count, "in_vocabulary": result.in_vocabulary}
-        if voxel_ml is not None:
-            entry["volume_ml"] = round(count * voxel_ml, 3)
-        entries.append(entry)
-    return entries
 
 
 # --- the image store (datastore and sessions) ---------------------------------------------------

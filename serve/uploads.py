@@ -27,6 +27,11 @@ class UploadError(ValueError):
         self.status = status
 
 
+def unreadable(name: str | None, path: Path, exc: Exception) -> UploadError:
+    """A 422 for an upload the readers refused, naming the client's file (not the server's path)."""
+    return UploadError(422, f"{name}: {str(exc).replace(str(path), 'upload')}")
+
+
 def upload_suffix(filename: str | None) -> str:
     name = (filename or "").lower()
     for suffix in SUFFIXES:

@@ -47,10 +47,13 @@ def read_checked_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 def nrrd_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The declared spatial shape (header only: nothing is decoded)."""
-    header, _ = read_checked_header(path)
+    return _spatial_sizes(read_checked_header(path)[0], Path(path).name)
+
+
+def _spatial_sizes(header: dict, name: str) -> tuple[int, ...]:
     sizes = tuple(int(n) for n in np.atleast_1d(header["sizes"]))
     if len(sizes) != 3:
-        raise CaseError(f"{Path(path).name}: a {len(sizes)}D NRRD; a 3D volume is expected")
+        raise CaseError(f"{name}: a {len(sizes)}D NRRD; a 3D volume is expected")
     return sizes
 
 
@@ -104,7 +107,7 @@ def load_nrrd(path: str | os.PathLike) -> nib.Nifti1Image:
     """A checked NRRD volume as an image in its file's voxel order with its RAS affine."""
     path = Path(path)
     header, offset = read_checked_header(path)
-    nrrd_shape(path)
+    _spatial_sizes(header, path.name)
     _check_payload(path, header, offset)
     try:
         data, header = nrrd.read(os.fspath(path), index_order="F")
