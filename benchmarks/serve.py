@@ -13,6 +13,11 @@ adapter already in memory ("swap"), to load one from disk on first use (evicting
 to load the whole model (a ``Segmenter`` of the checkpoint) as the baseline, with adapters made
 the way ``train.method=lora`` makes them (r=16 on the default target linears).
 ``--adapters-only`` skips the HTTP table.
+
+``--monailabel``: the MONAI Label routes against ``/v1`` on one server, a real CT volume
+(8 slices of 512², int16 NIfTI / NRRD), one prompt, sequential requests through MONAI Label's
+own client: median seconds per request and the ratio to ``/v1`` (the protocol's overhead:
+the store, the label map in the input's geometry, the multipart answer).
 """
 
 from __future__ import annotations
@@ -135,11 +140,77 @@ def print_adapter_times(times: dict[str, float]) -> None:
         print(f"  {what:13s} {seconds * 1000:9.2f} ms{ratio}")
 
 
+def monailabel_times(url: str, folder: Path, rounds: int = 8) -> dict[str, float]:
+    """Median seconds per request of /v1 and of the MONAI Label routes on the same volume."""
+    import nibabel as nib
+    import nrrd
+    import numpy as np
+    import requests
+    from monailabel.client import MONAILabelClient
+
+    from tests.builders import load_recist, uint8_to_hu
+
+    recist = load_recist()
+    data = np.ascontiguousarray(uint8_to_hu(recist["imgs"][2:10], width=2000, level=0).transpose(2, 1, 0))
+    data = data.astype(np.int16)
+    spacing = np.asarray(recist["spacing"][:3], float)
+    nifti, volume = folder / "ct.nii.gz", folder / "ct.nrrd"
+    nib.save(nib.Nifti1Image(data, np.diag([*spacing, 1.0])), nifti)
+    nrrd.write(str(volume), data, {"space": "left-posterior-superior", "space directions": np.diag(spacing),
+                                   "space origin": np.zeros(3), "encoding": "gzip"}, index_order="F")
+    client = MONAILabelClient(url, tmpdir=str(folder))
+    client.upload_image(str(nifti), "ct")
+    session = client.create_session(str(volume))["session_id"]
+    params = {"labels": ["liver"]}
+    calls = {
+        "/v1/segment, NIfTI upload, NIfTI answer": lambda: requests.post(
+            f"{url}/v1/segment", files={"file": ("ct.nii.gz", nifti.read_bytes())},
+            data={"prompt": "liver", "format": "nifti"}, timeout=120).raise_for_status(),
+        "/infer, NIfTI upload (file=)": lambda: client.infer("tiny", "", dict(params), file=str(nifti)),
+        "/infer, datastore image (image=ID)": lambda: client.infer("tiny", "ct", dict(params)),
+        "/infer, Slicer's NRRD session, NRRD answer": lambda: client.infer(
+            "tiny", "", {**params, "result_extension": ".nrrd", "result_dtype": "uint8"}, session_id=session),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):  # interleaved, so that drift of this noisy machine hits every route alike
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--adapters-only", action="store_true", help="only the LoRA adapter timings")
+    parser.add_argument("--monailabel", action="store_true", help="only the MONAI Label routes against /v1")
     args = parser.parse_args()
+    if args.monailabel:
+        import ray
+        from ray import serve
+
+        from benchmarks.inference import tiny_checkpoint
+        from medsam3.ray_local import init_ray
+        from serve.run import start
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
+            init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            url = start({"tiny": str(checkpoint)}, port=port,
+                        settings={"monailabel": {"store_dir": str(Path(tmp) / "store")}},
+                        overrides={"SegmentModel": {"autoscaling_config": None, "num_replicas": 1}})
+            times = monailabel_times(url, Path(tmp))
+            serve.shutdown()
+            ray.shutdown()
+        baseline = next(iter(times.values()))
+        print("\nMONAI Label routes vs /v1: tiny SAM3 on CPU, a 512x512x8 CT volume, one prompt, median of 8")
+        for name, seconds in times.items():
+            print(f"{name:48s} {seconds:7.3f} s  {seconds / baseline:5.2f}x")
+        return
     if args.adapters_only:
         from benchmarks.inference import tiny_checkpoint
 
