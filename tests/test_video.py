@@ -262,18 +262,19 @@ def test_predict_and_evaluate_propagate(clip_trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_clip_mode_resumes_and_survives_a_killed_worker(lesion_shards, tmp_path):
+def test_clip_mode_resumes_and_survives_a_killed_worker(ray_local, lesion_shards, tmp_path):
+    """One clip run stopped at step 2, resumed by name to step 6, and a worker SIGKILLed after the
+    resumed run's first step: it goes on from a checkpoint (2 or 4), never from the start."""
     shards = lesion_shards / "shards"
     cfg = [*CLIPS, *OVERFIT, "train.checkpoint_every=2"]
     run_dir = tmp_path / "resumed"
-    run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=2"]))
-    result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=4"]))
-    assert result.error is None and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
-    run_dir = tmp_path / "killed"
+    assert run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=2"])).error is None
     killer = WorkerKiller(run_dir, after_steps=3)
     killer.start()
     result = run_train(shards, run_dir, load_config("train", [*cfg, "train.max_steps=6"]))
     killer.join()
     assert killer.killed and result.error is None and result.metrics["step"] == 6
     steps = [m["step"] for m in metrics(run_dir)]
-    assert steps[-1] == 6 and max(steps.count(s) for s in steps) == 2 and "tracker_dice" in metrics(run_dir)[-1]
+    assert steps[:3] == [1, 2, 3] and steps[-1] == 6  # resumed at step 3, not a fresh run
+    assert steps.count(1) == steps.count(2) == 1 and max(steps.count(s) for s in steps) == 2  # redone from a checkpoint
+    assert "tracker_dice" in metrics(run_dir)[-1]
