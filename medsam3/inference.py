@@ -86,11 +86,13 @@ def box_from_text(text: str) -> tuple[list[float], int | None]:
 @dataclass
 class PromptRequest:
     """A request's checked prompts: ``boxes[i]`` goes with ``prompts[i]`` (plane pixels or None),
-    ``slices[i]`` is the slice its box seeds in ``propagate`` mode (None: no seed)."""
+    ``slices[i]`` is the slice its box or clicks seed in ``propagate`` mode (None: no seed);
+    ``clicks[i]``: [x, y, label] points (plane pixels, label 1 foreground, 0 background) or None."""
 
     prompts: list[str]
     boxes: list[list[float] | None]
     slices: list[int | None]
+    clicks: list[list[list[float]] | None]
 
     def require_seeds(self) -> None:
         """``propagate`` mode: every box must name the slice it seeds (ValueError otherwise)."""
@@ -99,13 +101,36 @@ class PromptRequest:
                 raise ValueError(f"propagate mode: the box of {prompt!r} needs the slice it seeds, "
                                  "as x0,y0,x1,y1@z=N")
 
+    def seeds(self) -> dict[int, tuple[list[float] | None, list[list[float]] | None, int]]:
+        """Prompt index → (box, clicks, slice) for every prompt the tracker is seeded with."""
+        return {i: (box, clicks, z) for i, (box, clicks, z) in enumerate(zip(self.boxes, self.clicks, self.slices,
+                                                                               strict=True))
+                if box is not None or clicks is not None}
+
+
+def clicks_from(value: Sequence, prompt: str) -> tuple[list[list[float]], int]:
+    """``(points, z)``: points ``[x, y, label]`` (plane pixels; label 1 foreground, 0 background,
+    at least one foreground) on slice ``z`` → checked floats; ValueError naming the prompt."""
+    try:
+        points, z = value
+        clicks = [[float(x), float(y), int(label)] for x, y, label in points]
+        z = int(z)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"clicks of {prompt!r}: ([[x, y, label], ...], z) is expected") from exc
+    if not all(np.isfinite(c[:2]).all() and c[2] in (0, 1) for c in clicks) or z < 0:
+        raise ValueError(f"clicks of {prompt!r}: finite x, y, a label 1 (foreground) or 0 (background), z ≥ 0")
+    if not any(c[2] == 1 for c in clicks):
+        raise ValueError(f"clicks of {prompt!r}: at least one foreground click (label 1) is needed")
+    return clicks, z
+
 
 def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float] | None] = (),
-                   max_prompts: int | None = None) -> PromptRequest:
+                   max_prompts: int | None = None, clicks: Sequence | None = None) -> PromptRequest:
     """The one check of a request's prompts and boxes (predict, serve, ``Segmenter.segment``):
     non-empty prompts, at most ``max_prompts``, at most one box per prompt and in its order
-    (``"x0,y0,x1,y1[@z=N]"`` text or four numbers); prompts without a box get None. ValueError
-    names the problem."""
+    (``"x0,y0,x1,y1[@z=N]"`` text or four numbers); prompts without a box get None. ``clicks[i]``:
+    prompt i's ``([[x, y, label], ...], z)`` tracker seed (see :func:`clicks_from`) or None; on
+    the slice of its box, if it has one. ValueError names the problem."""
     prompts = [str(p).strip() for p in prompts]
     if not prompts or not all(prompts):
         raise ValueError("every prompt must be non-empty text, and at least one is needed")
@@ -117,7 +142,19 @@ def prompt_request(prompts: Sequence[str], boxes: Sequence[str | Sequence[float]
     parsed = [(None, None) if b is None else box_from_text(b if isinstance(b, str) else ",".join(map(str, b)))
               for b in boxes]
     parsed += [(None, None)] * (len(prompts) - len(parsed))
-    return PromptRequest(prompts, [b for b, _ in parsed], [z for _, z in parsed])
+    clicks = list(clicks or [])
+    if len(clicks) > len(prompts):
+        raise ValueError(f"clicks for {len(clicks)} prompts, but {len(prompts)} prompts: clicks go with prompts")
+    seeds: list[list[list[float]] | None] = []
+    slices = [z for _, z in parsed]
+    for i, value in enumerate(clicks):
+        points, z = (None, None) if value is None else clicks_from(value, prompts[i])
+        if points is not None and slices[i] not in (None, z):
+            raise ValueError(f"{prompts[i]!r}: its box seeds slice {slices[i]} and its clicks slice {z}: one slice")
+        seeds.append(points)
+        slices[i] = slices[i] if z is None else z
+    seeds += [None] * (len(prompts) - len(seeds))
+    return PromptRequest(prompts, [b for b, _ in parsed], slices, seeds)
 
 
 def select_queries(pred_logits: torch.Tensor, presence_logits: torch.Tensor, threshold: float):
@@ -429,7 +466,8 @@ class Segmenter:
     # --- scans (predict) -------------------------------------------------------------------
 
     def segment(self, case: Case, prompts: Sequence[str], boxes: Sequence | None = None,
-                progress: bool = False, mode: str = "slices", adapter: str | None = None) -> list[PromptResult]:
+                progress: bool = False, mode: str = "slices", adapter: str | None = None,
+                clicks: Sequence | None = None) -> list[PromptResult]:
         """Segment every prompt on a 2D image or a whole volume.
 
         ``boxes[i]`` goes with ``prompts[i]``: ``"x0,y0,x1,y1[@z=N]"`` or four numbers in the plane's
@@ -438,11 +476,15 @@ class Segmenter:
         slice, or with ``@z=N`` to slice N only). ``mode="propagate"`` (3D, a checkpoint with a
         tracker): a prompt with a box seeded on slice N is tracked from there to both ends, a
         text-only prompt runs as detector-started clips (see :mod:`medsam3.propagate`).
-        ``adapter``: the LoRA adapter to segment with (None: the base).
+        ``adapter``: the LoRA adapter to segment with (None: the base). ``clicks[i]``: prompt i's
+        ``([[x, y, label], ...], z)`` seeding the tracker (``propagate`` only: ``Sam3Model`` takes
+        no points).
         """
-        request = prompt_request(prompts, boxes or ())
+        request = prompt_request(prompts, boxes or (), clicks=clicks)
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        if any(c is not None for c in request.clicks) and not (mode == "propagate" and case.is_3d):
+            raise ValueError("clicks seed the tracker: they need mode propagate on a volume")
         prep = self.prep_of(adapter)
         intensity = prep.intensity(case)
         results = prep.results(case, request.prompts, request.boxes, self.prompts_of(adapter))
@@ -475,10 +517,9 @@ class Segmenter:
                                   "the run with export.tracker=DIR or train it with train.mode=clips")
         request.require_seeds()
         propagation = CasePropagation(self, case, intensity, PropagationSettings.from_config(self.cfg.get("propagate")))
-        seeds = {i: (b, z) for i, (b, z) in enumerate(zip(request.boxes, request.slices, strict=True))
-                 if b is not None}
+        seeds = request.seeds()
         if seeds:
-            propagation.boxes(results, seeds)
+            propagation.seeded(results, seeds)
         for i, result in enumerate(results):
             if i not in seeds:
                 propagation.text(result)

@@ -9,6 +9,8 @@ Two ways in, as in Medical SAM3 and MedSAM2:
 * **Box on one slice** (``x0,y0,x1,y1@z=N``) — the box seeds the tracker on slice N and the mask is
   propagated forward and backward to the volume's ends. Boxes seeded on the same slice share one
   tracker session.
+* **Clicks on one slice** (foreground / background points, e.g. a viewer's clicks) — SAM's point
+  prompts seed the tracker the same way, alone or with a box.
 
 Frames are made on demand from the volume (:class:`LazyFrames`) and a session keeps only the
 memories the tracker can still attend to, so memory stays bounded whatever the depth. Pixels go
@@ -129,36 +131,39 @@ class VolumePropagator:
                 total, count, score = pending.pop(k)
                 yield k, total / count, score
 
-    # --- boxes: the tracker seeded on one slice ----------------------------------------------
+    # --- seeds: the tracker prompted on one slice (boxes and clicks) ----------------------------
 
-    def boxes(self, frames: LazyFrames, boxes: list[list[float]], z: int
-              ) -> Iterator[tuple[int, list[tuple[torch.Tensor, float]]]]:
-        """Boxes (xyxy in model pixels) seeding the tracker on frame ``z`` → per frame, from ``z``
-        to the end and then back to the start: each box's (probability (low-res square), object
-        score); an object the tracker scores as absent has probability 0 there."""
+    def seeded(self, frames: LazyFrames, seeds: list[tuple[list[float] | None, list[list[float]] | None]], z: int
+               ) -> Iterator[tuple[int, list[tuple[torch.Tensor, float]]]]:
+        """Objects seeded on frame ``z``, each by a box (xyxy) and/or clicks ([x, y, label], label 1
+        foreground, 0 background), all in model pixels → per frame, from ``z`` to the end and then
+        back to the start: each object's (probability (low-res square), object score); an object
+        the tracker scores as absent has probability 0 there."""
         from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
             Sam3TrackerVideoInferenceSession,
         )
 
         depth = len(frames)
         if not 0 <= z < depth:
-            raise ValueError(f"box slice z={z} is outside the volume's {depth} slices")
+            raise ValueError(f"seed slice z={z} is outside the volume's {depth} slices")
         session = Sam3TrackerVideoInferenceSession(video_height=self.size, video_width=self.size,
                                                    inference_device=self.device,
                                                    inference_state_device=self.device, dtype=self.dtype)
         session.processed_frames = frames
-        for obj_id, box in enumerate(boxes):
-            corners = torch.tensor(box, dtype=torch.float32).reshape(1, 1, 2, 2)
+        for obj_id, (box, clicks) in enumerate(seeds):
+            # SAM's prompt encoder: a box is its two corners (labels 2 and 3), clicks are points (1 / 0)
+            coords = ([box[:2], box[2:]] if box is not None else []) + [c[:2] for c in clicks or []]
+            labels = ([2, 3] if box is not None else []) + [int(c[2]) for c in clicks or []]
             session.add_point_inputs(session.obj_id_to_idx(obj_id), z, {
-                "point_coords": corners.to(self.device),
-                "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=self.device)})
-        session.obj_with_new_inputs = list(range(len(boxes)))
+                "point_coords": torch.tensor(coords, dtype=torch.float32, device=self.device)[None, None],
+                "point_labels": torch.tensor(labels, dtype=torch.int32, device=self.device)[None, None]})
+        session.obj_with_new_inputs = list(range(len(seeds)))
         order = [(k, False) for k in range(z, depth)] + [(k, True) for k in range(z - 1, -1, -1)]
         for k, reverse in order:
             self._cache_features(session, frames, k)
             out = self.tracker(inference_session=session, frame_idx=k, reverse=reverse)
-            logits = out.pred_masks.reshape(len(boxes), -1, *out.pred_masks.shape[-2:])[:, 0].float()
-            present = out.object_score_logits.reshape(len(boxes), -1)[:, 0].float()
+            logits = out.pred_masks.reshape(len(seeds), -1, *out.pred_masks.shape[-2:])[:, 0].float()
+            present = out.object_score_logits.reshape(len(seeds), -1)[:, 0].float()
             yield k, [(mask.sigmoid() if score > 0 else torch.zeros_like(mask), float(score.sigmoid()))
                       for mask, score in zip(logits, present, strict=True)]
             self._forget(session, k)
@@ -218,14 +223,17 @@ class CasePropagation:
         for k, prob, score in self.propagator.text(frames, self.depth, result.prompt):
             self.write(result, k, prob, score)
 
-    def boxes(self, results: list[PromptResult], seeds: dict[int, tuple[list[float], int]]) -> None:
-        """``seeds``: prompt index → (box in plane pixels, slice index); boxes seeded on one slice
-        with one window share a tracker session."""
+    def seeded(self, results: list[PromptResult],
+               seeds: dict[int, tuple[list[float] | None, list[list[float]] | None, int]]) -> None:
+        """``seeds``: prompt index → (box, clicks [x, y, label]; both in plane pixels, either may be
+        None, slice index); objects seeded on one slice with one window share a tracker session."""
         groups: dict[tuple[int, str], list[int]] = {}
-        for i, (_, z) in seeds.items():
+        for i, (_, _, z) in seeds.items():
             groups.setdefault((z, self.seg.window(results[i].prompt, self.case.modality)), []).append(i)
         for (z, window), members in groups.items():
-            boxes = [[v * self.to_model for v in seeds[i][0]] for i in members]
-            for k, answers in self.propagator.boxes(self.frames(window)(range(self.depth)), boxes, z):
+            scaled = [([v * self.to_model for v in box] if box is not None else None,
+                       [[x * self.to_model, y * self.to_model, label] for x, y, label in clicks or []] or None)
+                      for box, clicks, _ in (seeds[i] for i in members)]
+            for k, answers in self.propagator.seeded(self.frames(window)(range(self.depth)), scaled, z):
                 for i, (prob, score) in zip(members, answers, strict=True):
                     self.write(results[i], k, prob, score)

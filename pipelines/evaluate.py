@@ -237,7 +237,8 @@ class VolumePredictor:
             if mode == "propagate+box" and areas.any():
                 z = int(np.argmax(areas))
                 box = [float(v) * self.propagator.size / side for v in batch["box"][z]]
-                answers = ((k, *found[0]) for k, found in self.propagator.boxes(frames(range(depth)), [box], z))
+                tracked = self.propagator.seeded(frames(range(depth)), [(box, None)], z)
+                answers = ((k, *found[0]) for k, found in tracked)
             else:  # text only (and a structure absent from every slice has no box to give)
                 answers = self.propagator.text(frames, depth, str(batch["prompt"][0]))
             for k, prob, score in sorted(answers, key=lambda a: a[0]):

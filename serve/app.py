@@ -119,12 +119,13 @@ class SegmentModel:
                 answers[i] = answer
         return answers
 
-    async def propagate(self, model_id: str, case, prompts: list[str], boxes: list[str | None]) -> list:
+    async def propagate(self, model_id: str, case, prompts: list[str], boxes: list[str | None],
+                        clicks: list | None = None) -> list:
         """A whole volume propagated with the checkpoint's tracker (not batched: a volume is one
-        sequential video), off the event loop."""
+        sequential video), off the event loop; ``clicks``: see ``Segmenter.segment``."""
         base, adapter = self.served[model_id]
         segmenter = await self.get_segmenter(base)
-        return await asyncio.to_thread(segmenter.segment, case, prompts, boxes, False, "propagate", adapter)
+        return await asyncio.to_thread(segmenter.segment, case, prompts, boxes, False, "propagate", adapter, clicks)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose model calls keep failing (e.g. a broken GPU)."""
@@ -327,7 +328,8 @@ class SegmentAPI:
         if outside:
             raise UploadError(422, f"box slice z={outside[0]} is outside the volume's {depth} slices")
         handle = self.model.options(multiplexed_model_id=self.served[model_id][0])
-        return await handle.propagate.remote(model_id, case, checked.prompts, list(boxes))
+        clicks = [None if c is None else (c, z) for c, z in zip(checked.clicks, checked.slices, strict=True)]
+        return await handle.propagate.remote(model_id, case, checked.prompts, list(boxes), clicks)
 
     async def _run(self, case, checked, model_id):
         prep = self.preps[model_id]
@@ -439,7 +441,8 @@ class SegmentAPI:
 
         placement = place(asked, scan, self.preps[model_id].axis)
         try:
-            return prompt_request(asked.prompts, placement.boxes, self.max_prompts), placement.boxes, placement
+            return (prompt_request(asked.prompts, placement.boxes, self.max_prompts, placement.clicks),
+                    placement.boxes, placement)
         except ValueError as exc:
             raise ProtocolError(422, str(exc)) from exc
 

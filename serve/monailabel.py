@@ -243,6 +243,7 @@ class Placement:
     bounds: tuple[np.ndarray, np.ndarray] | None  # the ROI's canonical corners (inclusive)
     foreground: np.ndarray  # canonical voxels of the clicks
     background: np.ndarray
+    clicks: list | None = None  # every prompt's tracker seed ([[x, y, label], ...], z), or None
 
 
 def place(params: InferParams, scan, axis: int) -> Placement:
@@ -250,7 +251,9 @@ def place(params: InferParams, scan, axis: int) -> Placement:
     one slice), the ROI's canonical bounds and the clicks' canonical voxels.
 
     An ROI is a box prompt on every slice it spans (``slices``), or seeds propagation from its
-    middle slice (``propagate``); clicks make a box on their own slice (the first slice with two)."""
+    middle slice (``propagate``). Clicks make a box on their own slice (the first slice with two);
+    with ``propagate`` on a volume they seed the tracker as points instead, on the slice with the
+    most foreground clicks (with that slice's background clicks)."""
     frame = VoxelFrame(scan, axis)
     bounds = frame.roi_bounds(params.roi) if params.roi else None
     foreground = frame.canonical(params.foreground, "params.foreground")
@@ -259,6 +262,12 @@ def place(params: InferParams, scan, axis: int) -> Placement:
     if bounds is not None:
         xy, zs = frame.box(*bounds)
         box = box_text(xy, zs[len(zs) // 2] if params.mode == "propagate" and frame.is_3d else None)
+    elif params.mode == "propagate" and frame.is_3d and len(foreground):
+        planes = [(frame.plane_xy(p), label) for points, label in ((foreground, 1), (background, 0)) for p in points]
+        counts = [xyz[2] for xyz, label in planes if label == 1]
+        z = max(sorted(set(counts)), key=counts.count)
+        seed = [[x + 0.5, y + 0.5, label] for (x, y, k), label in planes if k == z]  # the voxel's centre
+        return Placement([None] * len(params.prompts), None, foreground, background, [(seed, z)] * len(params.prompts))
     else:
         on_plane: dict[int, list] = {}
         for point in foreground:

@@ -251,6 +251,36 @@ def test_an_roi_seeds_propagation_on_a_tracker_model(client, url, clip_trained, 
     assert answer.any() and np.array_equal(answer, expected & inside)
 
 
+def test_clicks_seed_the_tracker_on_a_tracker_model(client, clip_trained, tmp_path):
+    """mode=propagate, clicks only: SAM's point prompts seed the tracker on the clicked slice of a
+    file stored in LPS order, the same masks as the library seeded at those plane pixels (the
+    connected object holding the click kept); a click elsewhere gives another answer."""
+    from medsam3.inference import Segmenter, inference_config
+    from medsam3.io.scan import read_scan
+
+    name = "CT_Lesion_000009_03_01_036-048.npz"
+    path = lps_nifti(tmp_path / "lesion.nii.gz", name)
+    gts = load_recist(name)["gts"][2:10].transpose(2, 1, 0) > 0  # the file's voxel order
+    z = int(np.argmax(gts.sum((0, 1))))
+    i, j = np.argwhere(gts[..., z]).mean(0).round().astype(int)
+    label = sorted(json.loads((clip_trained[1] / "medsam3_export.json").read_text())["prompts"])[0]
+    answers = []
+    for click in ([int(i), int(j), z], [int(i) + 40, int(j) + 40, z]):
+        result, _ = client.infer("v-interactive", "x", {"label": label, "foreground": [click],
+                                                        "background": [[2, 2, z]], "mode": "propagate"},
+                                 file=str(path))
+        answers.append(np.asanyarray(nib.load(result).dataobj) == 1)
+    # LPS storage: the display planes (RAS flipped in x and y) are the file's own (i, j)
+    segmenter = Segmenter(clip_trained[1], inference_config([f"threshold={THRESHOLD}"]))
+    case = read_scan(path).case
+    seed = [[i + 0.5, j + 0.5, 1], [2.5, 2.5, 0]]
+    mask = segmenter.segment(case, [label], mode="propagate", clicks=[(seed, z)])[0].mask[::-1, ::-1]
+    objects, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    expected = objects == objects[i, j, z]
+    assert objects[i, j, z] and np.mean(answers[0] != expected) <= 1e-3
+    assert not np.array_equal(answers[0], answers[1])
+
+
 def test_concurrent_sessions_with_different_scans_get_their_own_answers(url, tmp_path):
     paths = [lps_nifti(tmp_path / f"{i}.nii.gz", name) for i, name in enumerate(
         ["CT_Lesion_000009_03_01_036-048.npz", None])]

@@ -158,6 +158,19 @@ def test_an_image_checkpoint_cannot_propagate_and_seeds_need_a_slice(tiny_checkp
         segmenter.segment(case, ["lesion"], ["100,100,200,200"], mode="propagate")
     with pytest.raises(ValueError, match="outside the volume"):
         segmenter.segment(case, ["lesion"], ["100,100,200,200@z=99"], mode="propagate")
+    # clicks seed the tracker only (Sam3Model takes no points), need a foreground click, one slice
+    with pytest.raises(ValueError, match="mode propagate"):
+        segmenter.segment(case, ["lesion"], clicks=[([[150, 150, 1]], 3)])
+    with pytest.raises(ValueError, match="foreground"):
+        segmenter.segment(case, ["lesion"], clicks=[([[150, 150, 0]], 3)], mode="propagate")
+    with pytest.raises(ValueError, match="one slice"):
+        segmenter.segment(case, ["lesion"], ["100,100,200,200@z=2"], mode="propagate", clicks=[([[150, 150, 1]], 3)])
+    # the clicks reach the tracker's prompt encoder: moving one changes the seed slice's mask
+    seeded = [segmenter.segment(case, ["lesion"], mode="propagate", clicks=[([[x, 150, 1], [40, 40, 0]], 3)])[0]
+              for x in (60, 200)]
+    axis = segmenter.prep.axis
+    assert seeded[0].mask.shape == case.image.shape
+    assert not np.array_equal(display_slice(seeded[0].mask, axis, 3), display_slice(seeded[1].mask, axis, 3))
 
 
 def test_the_tracker_trains_through_its_memory():
