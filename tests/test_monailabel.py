@@ -254,9 +254,12 @@ def test_an_roi_seeds_propagation_on_a_tracker_model(client, url, clip_trained, 
 def test_clicks_seed_the_tracker_on_a_tracker_model(client, clip_trained, tmp_path):
     """mode=propagate, clicks only: SAM's point prompts seed the tracker on the clicked slice of a
     file stored in LPS order, the same masks as the library seeded at those plane pixels (the
-    connected object holding the click kept); a click elsewhere gives another answer."""
+    connected object holding the click kept), which finds the lesion; a click off it keeps nothing
+    of it. (This overfitted tracker memorised its lesion: that clicks move its seed is checked
+    on a random tracker in test_video.)"""
     from medsam3.inference import Segmenter, inference_config
     from medsam3.io.scan import read_scan
+    from medsam3.metrics import dice
 
     name = "CT_Lesion_000009_03_01_036-048.npz"
     path = lps_nifti(tmp_path / "lesion.nii.gz", name)
@@ -265,7 +268,7 @@ def test_clicks_seed_the_tracker_on_a_tracker_model(client, clip_trained, tmp_pa
     i, j = np.argwhere(gts[..., z]).mean(0).round().astype(int)
     label = sorted(json.loads((clip_trained[1] / "medsam3_export.json").read_text())["prompts"])[0]
     answers = []
-    for click in ([int(i), int(j), z], [int(i) + 40, int(j) + 40, z]):
+    for click in ([int(i), int(j), z], [20, 20, z]):
         result, _ = client.infer("v-interactive", "x", {"label": label, "foreground": [click],
                                                         "background": [[2, 2, z]], "mode": "propagate"},
                                  file=str(path))
@@ -278,7 +281,7 @@ def test_clicks_seed_the_tracker_on_a_tracker_model(client, clip_trained, tmp_pa
     objects, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     expected = objects == objects[i, j, z]
     assert objects[i, j, z] and np.mean(answers[0] != expected) <= 1e-3
-    assert not np.array_equal(answers[0], answers[1])
+    assert dice(answers[0], gts) > 0.7 and not (answers[1] & answers[0]).any()
 
 
 def test_concurrent_sessions_with_different_scans_get_their_own_answers(url, tmp_path):
