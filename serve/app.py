@@ -326,7 +326,7 @@ class SegmentAPI:
         depth = self.preps[model_id].num_slices(case)
         outside = [z for z in checked.slices if z is not None and z >= depth]
         if outside:
-            raise UploadError(422, f"box slice z={outside[0]} is outside the volume's {depth} slices")
+            raise UploadError(422, f"seed slice z={outside[0]} is outside the volume's {depth} slices")
         handle = self.model.options(multiplexed_model_id=self.served[model_id][0])
         clicks = [None if c is None else (c, z) for c, z in zip(checked.clicks, checked.slices, strict=True)]
         return await handle.propagate.remote(model_id, case, checked.prompts, list(boxes), clicks)

@@ -393,5 +393,5 @@ def test_the_page_shows_what_a_viewer_lists(url, tmp_path):
         page.locator("#viewers").screenshot(path=str(folder / "viewers.png"))
         browser.close()
     assert [r[:2] for r in rows] == [["a", "segmentation"], ["a-interactive", "deepgrow"],
-                                                 ["v", "segmentation"], ["v-interactive", "deepgrow"]]
+                                     ["v", "segmentation"], ["v-interactive", "deepgrow"]]
     assert "liver (" in " ".join(rows[0]) and (folder / "viewers.png").stat().st_size > 5000
