@@ -3,7 +3,8 @@
 The recipe, top to bottom:
 1. discover cases in the driver (file names, JSON, DICOM headers; unknown labels fail here);
 2. one Ray Data read task per case: decode, validate, hash the inputs, emit rows slice by slice;
-3. ``write_parquet`` into a temporary folder beside OUTPUT, with deterministic file names;
+3. write Parquet (``ShardSink``: rows in arrival order, deterministic names) into a temporary
+   folder beside OUTPUT;
 4. write ``manifest.json`` and ``rejected.json``, then rename the folder to OUTPUT.
 A failed or interrupted run leaves OUTPUT as it was.
 """
@@ -135,7 +136,8 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
                 address: str | None = None) -> PrepareResult:
     """Prepare every case under ``input_dir`` into shards in ``output_dir`` (see module doc)."""
     import ray
-    from ray.data.datasource import FilenameProvider
+
+    from preprocessing.shard_sink import ShardSink
 
     output = os.fspath(output_dir) if storage.is_remote(output_dir) else os.fspath(Path(output_dir).absolute())
     cfg.storage = storage.settings()  # read tasks get the settings in force here (config or environment)
@@ -152,10 +154,6 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
         first = rejected_early[0]["reason"] if rejected_early else ""
         raise PrepareError(f"no case to prepare in {input_dir}: {first}")
     print(f"prepare: {len(refs)} case(s) in {len({r.dataset for r in refs})} dataset(s)")
-
-    class ShardNames(FilenameProvider):  # deterministic names: DVC sees no churn between runs
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
 
     if not ray.is_initialized():
         init_ray(address, include_dashboard=False, configure_logging=True, logging_level="WARNING")
@@ -186,14 +184,7 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
             concurrency=cfg.concurrency,
         )
         try:
-            dataset.write_parquet(
-                staging_path,
-                filesystem=filesystem,
-                filename_provider=ShardNames(),
-                max_rows_per_file=int(cfg.max_rows_per_file),
-                **parquet_options(),
-                mode=ray.data.SaveMode.OVERWRITE,
-            )
+            dataset.write_datasink(ShardSink(staging_path, filesystem, int(cfg.max_rows_per_file), parquet_options()))
         except Exception as exc:  # Ray wraps user errors; surface the case's own message
             cause = _root_cause(exc)
             raise PrepareError(f"prepare failed: {cause}") from exc

@@ -127,6 +127,35 @@ def test_deterministic_outputs(prepared, mixed_root, tmp_path):
     assert first == second
 
 
+def test_shard_sink_keeps_the_rows_order_and_splits_files(tmp_path):
+    # Ray's write_parquet let pyarrow's threaded writer reorder a task's blocks (CI saw a shard
+    # differ between two identical runs); the sink writes them as they come.
+    import pyarrow.fs as pafs
+    from ray.data._internal.execution.interfaces import TaskContext
+
+    from medsam3.schema import parquet_options
+    from preprocessing.shard_sink import ShardSink
+
+    blocks = [pa.table({"dataset": [f"d{i}"] * 4, "area": np.arange(4 * i, 4 * i + 4),
+                        "image": [np.random.default_rng(i).bytes(50_000)] * 4}) for i in range(40)]
+    digests = []
+    for run in range(2):
+        folder = tmp_path / f"run{run}"
+        sink = ShardSink(str(folder), pafs.LocalFileSystem(), 64, {"compression": "zstd"})
+        sink.on_write_start()
+        names = sink.write(iter(blocks), TaskContext(task_idx=3, op_name="Write"))
+        assert names == ["part-00003-0.parquet", "part-00003-1.parquet", "part-00003-2.parquet"]
+        files = [pq.ParquetFile(folder / n) for n in names]
+        assert [f.metadata.num_rows for f in files] == [64, 64, 32]
+        assert all(f.metadata.num_row_groups == 1 for f in files)
+        areas = np.concatenate([f.read(columns=["area"]).column(0).to_numpy() for f in files])
+        assert np.array_equal(areas, np.arange(160))
+        digests.append([hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names])
+    assert digests[0] == digests[1]
+    with pytest.raises(ValueError, match="max_rows_per_file"):
+        ShardSink(str(tmp_path), pafs.LocalFileSystem(), 0, parquet_options())
+
+
 def test_no_patient_identity_or_absolute_path_in_output(prepared, mixed_root):
     out, _ = prepared
     secrets = [*PHI.values(), "Doe^Jane", str(mixed_root), str(mixed_root.resolve()), str(SAMMED2D)]
