@@ -51,3 +51,15 @@ def keep_serve_replicas_on_loopback() -> None:
 
     add_port.loopback_aware = True
     replica.add_port_to_grpc_server = add_port
+
+
+def group_partitions() -> int:
+    """Hash-shuffle partitions for a Ray Data ``groupby``: one per CPU of the cluster.
+
+    Ray Data's default is 200, which on a small cluster means 200 reduce tasks for a handful of
+    groups: a clip-training groupby of one volume took 26-30 s with it and 13 s with 2 (measured
+    on a 2-CPU machine).
+    """
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -41,7 +41,7 @@ from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
 from medsam3.model import parse_checkpoints as parse
 from medsam3.plans import Plans
-from medsam3.ray_local import init_ray
+from medsam3.ray_local import group_partitions, init_ray
 from medsam3.schema import arrow_source, decode_batch, row_tables, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
 
@@ -346,17 +346,19 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
         source = whole if source is None else source.union(whole)
     actor = {"compute": ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
              "num_cpus": float(cfg.cpus_per_actor), "num_gpus": 1 if cfg.use_gpu else 0}
+    partitions = group_partitions()
     for name, folder in found.items():
         kwargs = {"checkpoint": folder, "cfg": plain, "threads": int(cfg.cpus_per_actor)}
         parts = []
         if set(cfg.modes) & set(SLICE_MODES):
             rows = source.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_size=int(cfg.batch_size),
                                       **actor)
-            parts.append(rows.groupby(["mode", "dataset", "case_id", "label"]).map_groups(
+            parts.append(rows.groupby(["mode", "dataset", "case_id", "label"], num_partitions=partitions).map_groups(
                 _metrics_batch, fn_kwargs={"side": side, "tolerance_mm": float(cfg.tolerance_mm)},
                 batch_format="numpy").to_pandas())
         if set(cfg.modes) & set(VOLUME_MODES):  # 3D cases only: a 2D image is no video
-            parts.append(source.filter(lambda r: r["slice_index"] >= 0).groupby(["dataset", "case_id", "prompt"])
+            volumes_only = source.filter(lambda r: r["slice_index"] >= 0)
+            parts.append(volumes_only.groupby(["dataset", "case_id", "prompt"], num_partitions=partitions)
                          .map_groups(VolumePredictor, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor)
                          .to_pandas())
         frame = pd.concat(parts, ignore_index=True)

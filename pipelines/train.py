@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsam3.io import storage
 from medsam3.plans import Plans
-from medsam3.ray_local import init_ray
+from medsam3.ray_local import group_partitions, init_ray
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.recipe import train_loop_per_worker
 from pipelines.run_folder import SPLIT_FILE, RunFolder
@@ -69,7 +69,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     # augmentation runs in the workers (pipelines/train_data.py says why)
     datasets = {"train": rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))}
     if settings.mode == "clips":  # one row per clip of consecutive slices (pipelines/clip_data.py)
-        datasets["train"] = datasets["train"].groupby(list(CLIP_KEYS)).map_groups(
+        datasets["train"] = datasets["train"].groupby(list(CLIP_KEYS), num_partitions=group_partitions()).map_groups(
             make_clips, fn_kwargs={"length": settings.clip_length}, batch_format="numpy")
     if settings.val_every:
         val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))

@@ -120,7 +120,7 @@ def clip_trained(ray_local, lesion_shards):
 
     run_dir = lesion_shards / "run"
     result = run_train(lesion_shards / "shards", run_dir,
-                       load_config("train", [*CLIPS, *OVERFIT, "train.max_steps=100", "train.checkpoint_every=50"]))
+                       load_config("train", [*CLIPS, *OVERFIT, "train.max_steps=60", "train.checkpoint_every=30"]))
     assert result.error is None
     export_run(run_dir, lesion_shards / "model")
     return run_dir, lesion_shards / "model", lesion_shards / "scans", lesion_shards / "shards"
