@@ -156,7 +156,7 @@ def main() -> None:
         from medsam3.ray_local import init_ray
 
         init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+                 env={"DS_ACCELERATOR": "cpu"})
         clip_mode = []
         if args.stages:
             write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))

@@ -16,8 +16,14 @@ from typing import Any
 NO_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """``ray.init(address, **kwargs)``; a local Ray started here listens on loopback only."""
+def init_ray(address: str | None = None, env: dict[str, str] | None = None, **kwargs: Any) -> None:
+    """``ray.init(address, **kwargs)``; a local Ray started here listens on loopback only.
+
+    ``env``: environment variables for every Ray worker. A local Ray's processes inherit this
+    process's environment, so they are set here; a cluster gets them as a runtime_env. A
+    runtime_env on a local Ray would start every worker through Ray's runtime-env agent: 8 actors
+    took 20-26 s that way and 12-13 s inheriting the variables (measured on a 2-CPU machine).
+    """
     import ray
     from ray._private import ray_constants
 
@@ -26,6 +32,10 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         os.environ[NO_CLUSTER] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
+        os.environ.update(env or {})
+    elif env:
+        kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}),
+                                 "env_vars": {**kwargs.get("runtime_env", {}).get("env_vars", {}), **env}}
     ray.init(address=address, **kwargs)
 
 

@@ -45,7 +45,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         # a local Ray gets a logical CPU for the data pipeline beside the training workers
         local_cpus = None if address else max(os.cpu_count() or 1, settings.cpus_needed)
         init_ray(address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not settings.use_gpu else None)
+                 env={"DS_ACCELERATOR": "cpu"} if not settings.use_gpu else None)
     _check_resources(settings)
     from medsam3.inference import checkpoint_image_size
     from medsam3.model import build_tokenizer, preset

@@ -33,7 +33,7 @@ def ray_local():
     os.environ.update(proxy_environment(SERVE_LIMITS))  # the body limit in Serve's HTTP proxy
     # 3 logical CPUs: two training workers plus one for the Ray Data pipeline that feeds them
     init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+             env={"DS_ACCELERATOR": "cpu"})
     yield ray
     ray.shutdown()
 
