@@ -53,7 +53,7 @@ browser:
 
 test: install-test browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 lint: install-test
 	$(BIN)/ruff check .
