@@ -34,8 +34,9 @@ def init_ray(address: str | None = None, env: dict[str, str] | None = None, **kw
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
         os.environ.update(env or {})
     elif env:
-        kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}),
-                                 "env_vars": {**kwargs.get("runtime_env", {}).get("env_vars", {}), **env}}
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        kwargs["runtime_env"] = runtime_env
     ray.init(address=address, **kwargs)
 
 
