@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test browser demo repro test lint bench clean
+.PHONY: install install-test browser demo repro test lint bench bench-doc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench: install
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/inference.py
+	$(MAKE) bench-doc
+
+# docs/benchmarks.md, generated from the figures the benchmarks wrote to benchmarks/results/*.json.
+bench-doc: $(BIN)/python
+	$(BIN)/python tools/benchmarks_doc.py
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -7,7 +7,10 @@ SAM3's checkpoint_2D.pt), then imports it in a child process while sampling that
 resident memory every 50 ms. A baseline in the same run: loading the same file whole
 (``torch.load`` without memory-mapping), as a conversion that reads everything first would.
 
-    python benchmarks/import_memory.py [--kind image|video] [--keep DIR]
+    python benchmarks/import_memory.py [--kind image|video] [--keep DIR] [--json PATH]
+
+The figures are also written as JSON (default ``benchmarks/results/import_memory.json``; one
+section per ``--kind``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,22 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 BPE = ROOT.parent / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+SECTIONS = {
+    "image": {
+        "title": "medsam3 import: peak memory on a full-size image checkpoint",
+        "measures": "Peak resident memory and time of `medsam3 import` on a full-size SAM3 image checkpoint in "
+                    "Meta's names with random weights and Adam state (the size of a training checkpoint), against "
+                    "loading the same file whole with `torch.load`.",
+        "run": "python benchmarks/import_memory.py",
+    },
+    "video": {
+        "title": "medsam3 import: peak memory on a full-size video checkpoint",
+        "measures": "The same for a full-size SAM3 video checkpoint (detector and tracker).",
+        "run": "python benchmarks/import_memory.py --kind video",
+    },
+}
 
 
 def write_checkpoint(path: Path, kind: str) -> int:
@@ -71,7 +89,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=("image", "video"), default="image")
     parser.add_argument("--keep", help="write the checkpoint and the import here (default: a temporary folder)")
+    parser.add_argument("--json", default=None,
+                        help="where the figures go (default: benchmarks/results/import_memory.json)")
     args = parser.parse_args()
+    from benchmarks import record
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         weights = Path(tmp, "checkpoint.pt")
         size = write_checkpoint(weights, args.kind) / 2**20
@@ -88,6 +109,15 @@ def main() -> None:
         print(f"baseline torch.load (whole file): peak RSS {base_mb:,.0f} MB in {base_s:.0f} s")
         print(f"medsam3 import:                   peak RSS {mb:,.0f} MB in {seconds:.0f} s, wrote {written:,.0f} MB")
         print(f"ratio: import peak / file size {mb / size:.2f}, import peak / whole-file load {mb / base_mb:.2f}")
+    record.write_section(
+        args.json or record.default_path(__file__), __file__, SECTIONS, args.kind,
+        tables=[record.table(f"a {args.kind} checkpoint of {size:,.0f} MB (Meta's names, random fp32 weights, Adam's "
+                             "two moments); resident memory of the process and its children sampled every 50 ms",
+                             ["process", "peak resident set", "time", "peak / file size"],
+                             [["`torch.load` of the whole file (baseline)", f"{base_mb:,.0f} MB", f"{base_s:.0f} s",
+                               f"{base_mb / size:.2f}×"],
+                              [f"`medsam3 import` (wrote {written:,.0f} MB of weights)", f"{mb:,.0f} MB",
+                               f"{seconds:.0f} s", f"{mb / size:.2f}×"]])])
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Prints, measured in one run on this machine:
 (d) 3D: slices/s of ``propagate`` (a box seeded on the middle slice and tracked to both ends;
     text-started clips) against ``slices`` on the same 512×512×600 volume, with the tiny video
     model, and each run's peak RSS (a fresh process per run, so each peak is its own).
-    ``--only-3d`` runs (d) alone.
-Each ratio is the median over interleaved repeats, since these machines are noisy.
+    ``--only-3d`` runs (d) alone, ``--no-3d`` everything but (d).
+Each ratio is the median over interleaved repeats, since these machines are noisy. The figures
+are also written as JSON (``--json``, default ``benchmarks/results/inference.json``; one section
+per part, a run replaces only the parts it ran).
 """
 
 from __future__ import annotations
@@ -28,6 +30,35 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIST = ROOT.parent / "shared" / "data" / "medsam2-recist-ct"
+SECTIONS = {
+    "predict": {
+        "title": "medsam3 predict: batched slices against one slice at a time",
+        "measures": "Slices per second of `predict`'s inference core (tiny SAM3, CPU, model loaded beforehand) on a "
+                    "512×512×D CT volume built from real lesion slices, in batches of 8 slices against one slice "
+                    "at a time.",
+        "run": "python benchmarks/inference.py --no-3d",
+    },
+    "evaluate": {
+        "title": "medsam3 evaluate: 2 Ray Data actors against 1",
+        "measures": "Prompted slices per second of whole `evaluate` runs (start-up, inference, regrouping, metrics, "
+                    "reports; text and text+box) on copies of the 4 real lesion volumes at 1008², with 2 actors "
+                    "against 1, one CPU each.",
+        "run": "python benchmarks/inference.py --no-3d",
+    },
+    "gpu": {
+        "title": "Full-size sam3 preset in bf16 on a GPU",
+        "measures": "Slices per second of `predict`'s core with the full-size `sam3` preset (random weights) in bf16 "
+                    "at 1008² on a GPU; runs only where torch sees a GPU.",
+        "run": "python benchmarks/inference.py --no-3d",
+    },
+    "3d": {
+        "title": "3D: propagate against slices",
+        "measures": "Slices per second and peak resident memory of `mode=propagate` (a box tracked from the middle "
+                    "slice; text-started clips) against `mode=slices` on one deep CT volume with the tiny video "
+                    "model, each run in a fresh process.",
+        "run": "python benchmarks/inference.py --only-3d",
+    },
+}
 
 
 def tiny_checkpoint(folder: Path, preset: str = "tiny") -> Path:
@@ -109,7 +140,7 @@ def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, queue) -
     queue.put((depth / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def propagation_table(depth: int, repeats: int) -> None:
+def propagation_table(depth: int, repeats: int, json_path: str | None = None) -> None:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -131,10 +162,22 @@ def propagation_table(depth: int, repeats: int) -> None:
                 print(f"    run: {name}: {found[name][-1][0]:.1f} slices/s, peak RSS {found[name][-1][1]:.0f} MB",
                       flush=True)
         base = statistics.median(r for r, _ in found["slices (text)"])
+        rows = []
         for name, results in found.items():
             rate = statistics.median(r for r, _ in results)
             peak = max(m for _, m in results)
             print(f"    {name:62s} {rate:6.1f} slices/s  ({rate / base:.2f}x slices)  peak RSS {peak:5.0f} MB")
+            rows.append([name, f"{rate:.1f}", f"{rate / base:.2f}×", f"{peak:,.0f} MB"])
+    from benchmarks import record
+
+    record.write_section(
+        json_path or record.default_path(__file__), __file__, SECTIONS, "3d",
+        tables=[record.table(f"a 512×512×{depth} CT volume ({512 * 512 * depth * 2 / 2**20:,.0f} MiB as int16), tiny "
+                             f"video model with random weights, CPU; median of {repeats} run(s), each in a fresh "
+                             "process; peak: the largest run's",
+                             ["mode", "slices/s", "vs `slices`", "peak resident set"], rows)],
+        notes=["The random-weight detector finds nothing, so the text-started clips track no object: a lower bound "
+               "(each tracked object adds about one tracker step per slice, clip and direction)."])
 
 
 def main() -> None:
@@ -144,9 +187,15 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of the 4 lesion volumes for (b)")
     parser.add_argument("--depth-3d", type=int, default=600, help="slices of the volume for (d)")
     parser.add_argument("--only-3d", action="store_true", help="run (d) only")
+    parser.add_argument("--no-3d", action="store_true", help="run (a)-(c) only")
+    parser.add_argument("--json", default=None,
+                        help="where the figures go (default: benchmarks/results/inference.json)")
     args = parser.parse_args()
+    from benchmarks import record
+
+    json_path = args.json or record.default_path(__file__)
     if args.only_3d:
-        propagation_table(args.depth_3d, args.repeats)
+        propagation_table(args.depth_3d, args.repeats, json_path)
         return
 
     import ray
@@ -172,6 +221,15 @@ def main() -> None:
         print(f"    one slice at a time: {statistics.median(single):6.1f} slices/s")
         print(f"    batched / single: {statistics.median(ratios):.2f}x  (runs {', '.join(f'{r:.2f}' for r in ratios)};"
               " target >= 2x)")
+        record.write_section(json_path, __file__, SECTIONS, "predict", tables=[record.table(
+            f"a 512×512×{args.depth} CT volume, tiny SAM3, CPU ({torch.get_num_threads()} threads), model loaded "
+            f"beforehand; median of {args.repeats} interleaved runs",
+            ["measure", "figure"],
+            [["batches of 8 slices", f"{statistics.median(batched):.1f} slices/s"],
+             ["one slice at a time", f"{statistics.median(single):.1f} slices/s"],
+             [f"batched / one at a time (runs: {', '.join(f'{r:.2f}' for r in ratios)})",
+              f"{statistics.median(ratios):.2f}×"]])],
+            targets=[record.target("batched / one at a time", round(statistics.median(ratios), 2), ">= 2")])
 
         from medsam3.ray_local import init_ray
 
@@ -192,15 +250,26 @@ def main() -> None:
         print(f"    1 actor : {statistics.median(one):6.2f} prompted slices/s")
         print(f"    2 actors: {statistics.median(two):6.2f} prompted slices/s")
         print(f"    2 / 1: {statistics.median(ratios):.2f}x  (runs {', '.join(f'{r:.2f}' for r in ratios)})")
+        record.write_section(json_path, __file__, SECTIONS, "evaluate", tables=[record.table(
+            f"{4 * args.copies} lesion volumes (the 4 real ones, repeated) at 1008², text and text+box, tiny SAM3, "
+            f"whole runs; median of {args.repeats} interleaved runs",
+            ["measure", "figure"],
+            [["1 actor", f"{statistics.median(one):.2f} prompted slices/s"],
+             ["2 actors", f"{statistics.median(two):.2f} prompted slices/s"],
+             [f"2 actors / 1 (runs: {', '.join(f'{r:.2f}' for r in ratios)})", f"{statistics.median(ratios):.2f}×"]])])
 
         if torch.cuda.is_available():
             full = segmenter(tiny_checkpoint(tmp / "sam3", preset="sam3"), 8)
             volume_slices_per_s(full, ct_volume(8))  # warm-up
             rate = volume_slices_per_s(full, ct_volume(64))
             print(f"\n(c) sam3 preset, bf16, {torch.cuda.get_device_name()}: {rate:.1f} slices/s at 1008²")
+            record.write_section(json_path, __file__, SECTIONS, "gpu", tables=[record.table(
+                "a 512×512×64 CT volume, `sam3` preset, batches of 8 slices", ["measure", "figure"],
+                [[f"{torch.cuda.get_device_name()}", f"{rate:.1f} slices/s"]])])
         else:
             print("\n(c) no GPU here: the sam3 preset's bf16 slices/s is measured on a GPU machine")
-    propagation_table(args.depth_3d, args.repeats)
+    if not args.no_3d:
+        propagation_table(args.depth_3d, args.repeats, json_path)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints, measured in the same run on the same synthetic CT cases:
     Parquet shards with pyarrow; and the ratio (a)/(b);
 (c) the peak resident memory of preparing one synthetic 512×512×600 CT (one process, rows
     streamed to Parquet as they come), against 3× that volume's raw size.
+The figures are also written as JSON (``--json``, default ``benchmarks/results/prepare.json``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from medsam3.phantom import ORGANS, VERTEBRA
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SECTIONS = {
+    "prepare": {
+        "title": "medsam3 prepare: Ray Data against one process, and peak memory",
+        "measures": "Slices per second of `prepare` on the local Ray (all CPUs) against the same per-case function "
+                    "in one plain process writing the same Parquet shards, and the peak resident memory of preparing "
+                    "one 512×512×D CT volume against its raw size.",
+        "run": "python benchmarks/prepare.py",
+    },
+}
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +147,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big-slices", type=int, default=600, help="depth of the 512×512×D memory case")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="where the figures go (default: benchmarks/results/prepare.json)")
     args = parser.parse_args()
     if args.child:
         peak_memory_child(args.child, args.image_size)
@@ -190,6 +201,32 @@ def main() -> None:
         print(f"  peak RSS {peak / 2**20:.0f} MiB; {(peak - idle) / 2**20:.0f} MiB above the process after imports "
               f"({idle / 2**20:.0f} MiB)")
         print(f"  peak / raw = {peak / raw:.2f}x total, {(peak - idle) / raw:.2f}x above imports   (target <= 3x)")
+
+    from benchmarks import record
+
+    ratio = plain_s / ray_s
+    record.write_section(
+        args.json or record.default_path(__file__), __file__, SECTIONS, "prepare",
+        tables=[
+            record.table(
+                f"{args.cases} synthetic CT cases of {'×'.join(map(str, shape))} (NIfTI, 7 labels) → {rows:,} rows at "
+                f"image_size={args.image_size}; median of {args.repeats} interleaved runs",
+                ["measure", "figure"],
+                [[f"`prepare` on the local Ray, {cpus} CPUs", f"{slices / ray_s:.1f} slices/s"],
+                 ["the same per-case function in one plain process, same Parquet output",
+                  f"{slices / plain_s:.1f} slices/s"],
+                 [f"ratio Ray / one process (runs: {ratios})", f"{ratio:.2f}×"]]),
+            record.table(
+                f"peak memory preparing one 512×512×{args.big_slices} int16 CT (raw {raw / 2**20:,.0f} MiB), "
+                f"{figures['rows']:,} rows, in one process",
+                ["measure", "figure"],
+                [["peak resident set", f"{peak / 2**20:,.0f} MiB"],
+                 ["above the process after imports", f"{(peak - idle) / 2**20:,.0f} MiB"],
+                 ["peak / raw volume", f"{peak / raw:.2f}×"],
+                 ["time", f"{figures['seconds']:.1f} s"]]),
+        ],
+        targets=[record.target(f"ratio Ray / one process on {cpus} CPUs", round(ratio, 2), ">= 1.6"),
+                 record.target("peak resident set / raw volume", round(peak / raw, 2), "<= 3")])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ the way ``train.method=lora`` makes them (r=16 on the default target linears).
 (8 slices of 512², int16 NIfTI / NRRD), one prompt, sequential requests through MONAI Label's
 own client: median seconds per request and the ratio to ``/v1`` (the protocol's overhead:
 the store, the label map in the input's geometry, the multipart answer).
+
+The figures are also written as JSON (``--json``, default ``benchmarks/results/serve.json``; one
+section per part, a run replaces only the parts it ran).
 """
 
 from __future__ import annotations
@@ -35,6 +38,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PNG = ROOT.parent / "shared" / "data" / "sam-med2d-demo" / "images" / "amos_0004_75.png"
 SLICES = ("amos_0004_75.png", "amos_0006_90.png", "s0114_111.png", "s0619_32.png")
+SECTIONS = {
+    "http": {
+        "title": "medsam3 serve over HTTP: dynamic batching on and off",
+        "measures": "Requests per second and p50/p99 latency of `POST /v1/segment` (a 512² CT slice, 2 prompts) "
+                    "with 1, 8 and 32 concurrent clients on one tiny-SAM3 model replica (1 CPU), with dynamic "
+                    "batching (up to 16 items per model call) and without.",
+        "run": "python benchmarks/serve.py",
+    },
+    "replica": {
+        "title": "The model replica alone: batches of 16 items against one at a time",
+        "measures": "Items per second of the replica's own work (`Segmenter.run_items` on (slice, prompt) items of "
+                    "different images) in batches of 16 against one at a time.",
+        "run": "python benchmarks/serve.py",
+    },
+    "adapters": {
+        "title": "LoRA adapters: switch, load, and a whole model load",
+        "measures": "Milliseconds to switch a replica to a LoRA adapter already loaded, to load one from disk "
+                    "(evicting another), and to load the whole tiny model, with r=16 adapters on the default "
+                    "targets.",
+        "run": "python benchmarks/serve.py --adapters-only",
+    },
+    "monailabel": {
+        "title": "MONAI Label routes against /v1",
+        "measures": "Seconds per request of MONAI Label's routes, driven by MONAI Label's own client, against "
+                    "`/v1/segment` on the same server and CT volume (512×512×8 int16, one prompt, sequential "
+                    "requests, routes interleaved).",
+        "run": "python benchmarks/serve.py --monailabel",
+    },
+}
 
 
 def distinct_images(count: int) -> list[bytes]:
@@ -132,12 +164,19 @@ def adapter_times(checkpoint: Path, folder: Path, rounds: int = 20) -> dict[str,
     return {"model load": full, "adapter load": statistics.median(loads), "adapter swap": statistics.median(swaps)}
 
 
-def print_adapter_times(times: dict[str, float]) -> None:
+def print_adapter_times(times: dict[str, float], json_path) -> None:
+    from benchmarks import record
+
     full = times["model load"]
     print("\nLoRA adapters on the tiny SAM3 (r=16, CPU): median seconds")
+    rows = []
     for what, seconds in times.items():
         ratio = "" if what == "model load" else f"  (model load / this: {full / seconds:.0f}x)"
         print(f"  {what:13s} {seconds * 1000:9.2f} ms{ratio}")
+        rows.append([what, f"{seconds * 1000:.2f} ms", "1×" if what == "model load" else f"{full / seconds:.1f}×"])
+    record.write_section(json_path, __file__, SECTIONS, "adapters", tables=[record.table(
+        "tiny SAM3 on CPU, r=16 adapters on the default targets; medians", ["operation", "time", "model load / this"],
+        rows)])
 
 
 def monailabel_times(url: str, folder: Path, rounds: int = 8) -> dict[str, float]:
@@ -185,7 +224,11 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--adapters-only", action="store_true", help="only the LoRA adapter timings")
     parser.add_argument("--monailabel", action="store_true", help="only the MONAI Label routes against /v1")
+    parser.add_argument("--json", default=None, help="where the figures go (default: benchmarks/results/serve.json)")
     args = parser.parse_args()
+    from benchmarks import record
+
+    json_path = args.json or record.default_path(__file__)
     if args.monailabel:
         import ray
         from ray import serve
@@ -210,12 +253,16 @@ def main() -> None:
         print("\nMONAI Label routes vs /v1: tiny SAM3 on CPU, a 512x512x8 CT volume, one prompt, median of 8")
         for name, seconds in times.items():
             print(f"{name:48s} {seconds:7.3f} s  {seconds / baseline:5.2f}x")
+        record.write_section(json_path, __file__, SECTIONS, "monailabel", tables=[record.table(
+            "tiny SAM3 on CPU, a real CT volume of 512×512×8 int16, one prompt, sequential requests through MONAI "
+            "Label's client; median of 8 interleaved rounds", ["route", "s / request", "vs `/v1`"],
+            [[name, f"{seconds:.3f}", f"{seconds / baseline:.2f}×"] for name, seconds in times.items()])])
         return
     if args.adapters_only:
         from benchmarks.inference import tiny_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            print_adapter_times(adapter_times(tiny_checkpoint(Path(tmp) / "tiny"), Path(tmp)))
+            print_adapter_times(adapter_times(tiny_checkpoint(Path(tmp) / "tiny"), Path(tmp)), json_path)
         return
 
     import ray
@@ -261,7 +308,28 @@ def main() -> None:
         print(f"\n{images}: throughput at 32 clients, batching on / off: {on32[0] / off32[0]:.2f}x  (target >= 2x)")
         print(f"{images}: p99 at 32 clients with batching / single-client p50: {on32[2] / on1[1]:.2f}x  "
               "(target <= 2x)")
-    print_adapter_times(adapters)
+    rows = [[clients, images, batching, f"{rate:.2f}", f"{p50:.3f}", f"{p99:.3f}"]
+            for (batching, clients, images), (rate, p50, p99) in sorted(table.items(), key=lambda kv: (
+                kv[0][1], kv[0][2], kv[0][0] == "on"))]
+    targets = []
+    for images in ("copies", "distinct"):
+        on32, off32 = table[("on", 32, images)], table[("off", 32, images)]
+        targets += [record.target(f"{images}: throughput at 32 clients, batching on / off",
+                                  round(on32[0] / off32[0], 2), ">= 2"),
+                    record.target(f"{images}: p99 at 32 clients with batching / single-client p50",
+                                  round(on32[2] / on1[1], 2), "<= 2")]
+    record.write_section(json_path, __file__, SECTIONS, "http", tables=[record.table(
+        f"tiny SAM3 on CPU, one model replica (1 CPU), ingress 0.5 CPU, clients on the same machine; a 512² CT slice "
+        f"with 2 prompts per request, {args.requests_per_client} requests per client after a warm-up round; "
+        "copies: every client sends the same slice, distinct: every request a different image",
+        ["clients", "images", "batching", "req/s", "p50 (s)", "p99 (s)"], rows)], targets=targets,
+        notes=["p99 under load is bounded below by queueing: with every client on one machine, latency under load "
+               "is about clients / throughput."])
+    record.write_section(json_path, __file__, SECTIONS, "replica", tables=[record.table(
+        "tiny SAM3 on CPU, one (slice, prompt) item per distinct image", ["measure", "figure"],
+        [["one item at a time", f"{single:.1f} items/s"], ["batches of 16 items", f"{batched:.1f} items/s"],
+         ["batched / one at a time", f"{batched / single:.2f}×"]])])
+    print_adapter_times(adapters, json_path)
 
 
 if __name__ == "__main__":

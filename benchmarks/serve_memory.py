@@ -5,11 +5,13 @@ ingress's own path (``read_scan``, items made chunk by chunk as ``SegmentAPI._ru
 filled in, the NIfTI label map written) with the model's answers replaced by empty masks (the
 model runs in another process). The peak resident memory above the process's baseline, divided
 by the voxels, is the per-voxel cost that ``serve/app.py``'s ``BYTES_PER_VOXEL`` (+ 1 byte per
-prompt) budgets with ``max_decoded_mb``.
+prompt) budgets with ``max_decoded_mb``. The figures are also written as JSON (``--json``,
+default ``benchmarks/results/serve_memory.json``).
 """
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import resource
 import sys
@@ -18,6 +20,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SECTIONS = {
+    "volume": {
+        "title": "Ingress memory per voxel of a volume request",
+        "measures": "Peak resident memory above the process's baseline, per voxel, of the ingress's work on one CT "
+                    "volume request (NIfTI in and out, the model's answers replaced by empty masks) against the "
+                    "8 + prompts bytes per voxel that `max_decoded_mb` budgets.",
+        "run": "python benchmarks/serve_memory.py",
+    },
+}
+CASES = [((512, 512, 100), "int16", 1), ((512, 512, 100), "int16", 4), ((512, 512, 300), "int16", 1),
+         ((512, 512, 300), "int16", 4), ((512, 512, 100), "float32", 1), ((512, 512, 100), "float32", 4)]
 
 
 def one_request(path: Path, prompts: int, queue) -> None:
@@ -68,13 +81,27 @@ def measure(shape: tuple[int, int, int], prompts: int, dtype: str) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None,
+                        help="where the figures go (default: benchmarks/results/serve_memory.json)")
+    args = parser.parse_args()
+    from benchmarks import record
+
     print("ingress memory per voxel of a volume request (CT, NIfTI in and out)")
     print("volume           dtype    prompts  bytes/voxel  budgeted (8 + prompts)")
-    for shape, dtype, prompts in [((512, 512, 100), "int16", 1), ((512, 512, 100), "int16", 4),
-                                  ((512, 512, 300), "int16", 1), ((512, 512, 300), "int16", 4),
-                                  ((512, 512, 100), "float32", 1), ((512, 512, 100), "float32", 4)]:
+    rows, worst = [], None
+    for shape, dtype, prompts in CASES:
         per_voxel = measure(shape, prompts, dtype)
         print(f"{'x'.join(map(str, shape)):15s}  {dtype:7s}  {prompts:7d}  {per_voxel:11.2f}  {8 + prompts:10d}")
+        rows.append(["×".join(map(str, shape)), dtype, prompts, f"{per_voxel:.2f}", 8 + prompts])
+        share = per_voxel / (8 + prompts)
+        worst = max(worst or (share, per_voxel, prompts), (share, per_voxel, prompts))
+    record.write_section(
+        args.json or record.default_path(__file__), __file__, SECTIONS, "volume",
+        tables=[record.table("random CT volumes as gzipped NIfTI, one fresh process per row",
+                             ["volume", "dtype", "prompts", "bytes / voxel", "budgeted (8 + prompts)"], rows)],
+        targets=[record.target(f"largest measured / budgeted bytes per voxel ({worst[2]} prompt(s))",
+                               round(worst[0], 2), "<= 1")])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ With ``--stages``: one run per ZeRO stage (``train.zero_stage`` 0-3) of the ``me
 (107M parameters, so that model state dominates a worker's memory) on the same batches: per-sample
 time against stage 3's, the memory rank 0 holds between steps (median over steps 5+) and its
 peak (setup included; resident set on CPU, allocated memory on a GPU).
+The figures are also written as JSON (``--json``, default ``benchmarks/results/train.json``; one
+section per mode, a run replaces only its own).
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SECTIONS = {
+    "images": {
+        "title": "medsam3 train: Ray Train + DeepSpeed ZeRO-3 against one plain process (images)",
+        "measures": "Steady-state samples per second of the tiny SAM3 trained through Ray Train + DeepSpeed ZeRO-3 "
+                    "with 2 workers against the same model, loss, optimizer and batches in one plain PyTorch "
+                    "process, and the share of step time spent waiting for data.",
+        "run": "python benchmarks/train.py",
+    },
+    "clips": {
+        "title": "medsam3 train, train.mode=clips: ZeRO-3 against one plain process (3D clips)",
+        "measures": "The same comparison for clip training: the tiny video model on clips of 4 lesion slices of the "
+                    "real CT lesion volumes, clips per second, and the share of step time spent waiting for data.",
+        "run": "python benchmarks/train.py --clips",
+    },
+    "stages": {
+        "title": "ZeRO stages 0-3 (train.zero_stage)",
+        "measures": "Per-sample time and rank 0's memory of the same training (the medium preset, 107M parameters, "
+                    "same batches) at each DeepSpeed ZeRO stage, and the loss each reaches.",
+        "run": "python benchmarks/train.py --stages",
+    },
+}
 
 
 def optimizer_step(loss, model, optimizer, scheduler, cfg) -> None:
@@ -140,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--clips", action="store_true", help="train.mode=clips on the real CT lesion volumes")
     parser.add_argument("--stages", action="store_true", help="ZeRO stages 0-3 compared (medium preset)")
+    parser.add_argument("--json", default=None, help="where the figures go (default: benchmarks/results/train.json)")
     parser.add_argument("overrides", nargs="*", help="train config overrides for both runs, e.g. "
                         "train.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
@@ -161,7 +185,7 @@ def main() -> None:
         if args.stages:
             write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
             run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=224"]))
-            compare_stages(tmp, args.steps, args.overrides)
+            compare_stages(tmp, args.steps, args.overrides, args.json)
             return
         if args.clips:
             run_prepare(ROOT.parent / "shared" / "data" / "medsam2-recist-ct", tmp / "shards",
@@ -188,8 +212,27 @@ def main() -> None:
         print(f"  per-sample time (a)/(b): {plain_rate / ray_rate:.2f}x   (target <= 1.5x)")
         print(f"  data wait in (a): {100 * wait:.1f} % of step time   (target < 10 %)")
 
+        from benchmarks import record
 
-def compare_stages(tmp: Path, steps: int, overrides: list[str]) -> None:
+        section = "clips" if args.clips else "images"
+        unit = "clips/s" if args.clips else "samples/s"
+        setup = (f"{what} at 224², {workers} workers × 1 CPU, batch {batch} per worker"
+                 + (f", clips of {cfg.train.clip_length} slices" if args.clips else "")
+                 + f", steady state (median of steps 5-{args.steps})"
+                 + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""))
+        record.write_section(
+            args.json or record.default_path(__file__), __file__, SECTIONS, section,
+            tables=[record.table(setup, ["measure", "figure"], [
+                [f"Ray Train + DeepSpeed ZeRO-3, {workers} workers", f"{ray_rate:.2f} {unit}"],
+                ["the same model, loss, optimizer and batches in one plain PyTorch process",
+                 f"{plain_rate:.2f} {unit}"],
+                ["per-sample time, ZeRO-3 / plain", f"{plain_rate / ray_rate:.2f}×"],
+                ["step time spent waiting for data (ZeRO-3 run)", f"{100 * wait:.1f} %"]])],
+            targets=[record.target("per-sample time, ZeRO-3 / plain", round(plain_rate / ray_rate, 2), "<= 1.5"),
+                     record.target("step time waiting for data (%)", round(100 * wait, 1), "< 10")])
+
+
+def compare_stages(tmp: Path, steps: int, overrides: list[str], json_path: str | None = None) -> None:
     """One run per ZeRO stage on the same batches; a table of per-sample time and peak memory."""
     from medsam3.config import load_config
     from pipelines.train import run_train
@@ -212,6 +255,18 @@ def compare_stages(tmp: Path, steps: int, overrides: list[str]) -> None:
           "included | loss at the last step")
     for stage, rate, held, peak, loss in rows:
         print(f"  {stage:5d} | {rate:9.2f} | {stage3 / rate:25.2f}x | {held:23,.0f} MB | {peak:25,.0f} MB | {loss:.3f}")
+
+    from benchmarks import record
+
+    record.write_section(
+        json_path or record.default_path(__file__), __file__, SECTIONS, "stages",
+        tables=[record.table(
+            f"medium SAM3 (107M parameters) at 224², phantom shards, {workers} CPU workers × batch {batch}, "
+            f"{steps} steps (rates: median of steps 5-{steps})",
+            ["stage", "samples/s", "per-sample time vs stage 3", "rank 0 holds between steps",
+             "rank 0 peak, setup included", "loss at the last step"],
+            [[stage, f"{rate:.2f}", f"{stage3 / rate:.2f}×", f"{held:,.0f} MB", f"{peak:,.0f} MB", f"{loss:.3f}"]
+             for stage, rate, held, peak, loss in rows])])
 
 
 if __name__ == "__main__":
