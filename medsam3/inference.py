@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.adapters import AdapterError, AdapterSet
 from medsam3.config import load_config
 from medsam3.io import storage
 from medsam3.io.case import Case
-from medsam3.model import box_prompts, check_checkpoint, model_image_size, tokenize
+from medsam3.model import CheckpointError, box_prompts, check_checkpoint, checkpoint_type, model_image_size, tokenize
 from medsam3.plans import Plans, checkpoint_plans
+from medsam3.results import PromptResult, masks_to_grid
 from medsam3.samples import Intensity
 from medsam3.transforms import (
     display_slice,
@@ -161,33 +161,6 @@ def select_queries(pred_logits: torch.Tensor, presence_logits: torch.Tensor, thr
     """(scores (B, Q), keep (B, Q)): a query is kept when score × presence > threshold."""
     scores = pred_logits.sigmoid() * presence_logits.reshape(len(pred_logits), -1)[:, :1].sigmoid()
     return scores, scores > threshold
-
-
-def masks_to_grid(logits: torch.Tensor, out_hw: tuple[int, int], content: tuple[float, float]) -> torch.Tensor:
-    """Mask logits over the model's square → the content's own pixels.
-
-    ``content`` is the fraction of the square's height and width the image fills (the rest is
-    bottom/right padding); the logits are scaled so that this part becomes ``out_hw``, then cropped.
-    """
-    height, width = out_hw
-    full = (max(height, round(height / content[0])), max(width, round(width / content[1])))
-    return F.interpolate(logits, size=full, mode="bilinear", align_corners=False)[..., :height, :width]
-
-
-@dataclass
-class PromptResult:
-    """One prompt's answer for a scan."""
-
-    prompt: str
-    mask: np.ndarray  # bool, the scan's spatial shape (3D: canonical RAS axes)
-    slice_scores: np.ndarray  # best kept score per slice (0 where no query passed)
-    in_vocabulary: bool
-    box: list[float] | None = None
-    instances: list[np.ndarray] = field(default_factory=list)  # 2D only: one mask per kept query
-
-    @property
-    def score(self) -> float:
-        return float(self.slice_scores.max(initial=0.0))
 
 
 @dataclass
@@ -337,7 +310,7 @@ class Segmenter:
         from transformers.utils import logging as hf_logging
 
         from medsam3.ops import enable_box_prompts
-        from medsam3.video import checkpoint_type, load_video_model
+        from medsam3.video import load_video_model
 
         self.cfg = cfg if cfg is not None else inference_config()
         checkpoint = check_checkpoint(checkpoint)  # local (an s3:// one is fetched into the cache)
@@ -509,7 +482,6 @@ class Segmenter:
 
     def propagate(self, case: Case, request: PromptRequest, results: list[PromptResult],
                   intensity: Intensity) -> None:
-        from medsam3.model import CheckpointError
         from medsam3.propagate import CasePropagation, PropagationSettings
 
         if self.video is None:

@@ -11,13 +11,16 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
-from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Sam3Config, Sam3Model
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Sam3Config, Sam3Model, Sam3VideoModel
 
 from medsam3.config import CONFIG_DIR
 from medsam3.io import storage
+
+if TYPE_CHECKING:
+    import torch
 
 # CLIP's vocabulary: 256 byte symbols, the same with </w>, the first merges, then two specials.
 CLIP_VOCAB_SIZE = 49408
@@ -42,8 +45,6 @@ def build_model(preset_name: str | None = None, path: str | os.PathLike | None =
     """A SAM3 model (the detector of a video checkpoint) from a local checkpoint directory, or
     with random weights from a preset."""
     if path is not None:
-        from medsam3.video import load_detector  # an image or a video checkpoint
-
         return load_detector(path)
     spec = preset(preset_name or "tiny")
     return Sam3Model(Sam3Config(**spec["config"]))
@@ -72,6 +73,19 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder}: no weights (*.safetensors)")
     return folder
+
+
+def checkpoint_type(path: str | os.PathLike) -> str:
+    """``sam3`` (image model) or ``sam3_video`` (detector + tracker) for a checkpoint folder."""
+    return json.loads((check_checkpoint(path) / "config.json").read_text())["model_type"]
+
+
+def load_detector(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Sam3Model:
+    """The detector (``Sam3Model``) of an image or a video checkpoint."""
+    folder = check_checkpoint(path)
+    if checkpoint_type(folder) == "sam3_video":
+        return Sam3VideoModel.from_pretrained(os.fspath(folder), local_files_only=True, dtype=dtype).detector_model
+    return Sam3Model.from_pretrained(os.fspath(folder), local_files_only=True, dtype=dtype)
 
 
 def parse_checkpoints(specs: list[str] | tuple[str, ...], first_name: str | None = None,

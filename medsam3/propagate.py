@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from medsam3.inference import PromptResult, masks_to_grid
 from medsam3.io.case import Case
 from medsam3.model import tokenize
+from medsam3.results import PromptResult, masks_to_grid
 from medsam3.samples import Intensity
 from medsam3.transforms import model_pixels, resized_shape, undisplay_slice
 

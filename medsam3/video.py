@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Sam3Config, Sam3Model, Sam3VideoConfig, Sam3VideoModel
 
-from medsam3.model import CheckpointError, check_checkpoint, preset
+from medsam3.model import CheckpointError, check_checkpoint, checkpoint_type, load_detector, preset
 
 TRACKER_PREFIXES = ("tracker_model.", "tracker_neck.")
 
@@ -44,11 +44,6 @@ def preset_video_config(name: str, detector: Sam3Config | None = None) -> Sam3Vi
                         spec.get("video"))
 
 
-def checkpoint_type(path: str | os.PathLike) -> str:
-    """``sam3`` (image model) or ``sam3_video`` (detector + tracker) for a checkpoint folder."""
-    return json.loads((check_checkpoint(path) / "config.json").read_text())["model_type"]
-
-
 def load_video_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Sam3VideoModel:
     """A ``Sam3VideoModel`` from a local folder; CheckpointError for an image-only checkpoint."""
     folder = check_checkpoint(path)
@@ -57,13 +52,6 @@ def load_video_model(path: str | os.PathLike, dtype: torch.dtype | None = None) 
                               "export the run with export.tracker=DIR (a SAM3 video checkpoint such as the "
                               "released one), or train with train.mode=clips")
     return Sam3VideoModel.from_pretrained(os.fspath(folder), local_files_only=True, dtype=dtype)
-
-
-def load_detector(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Sam3Model:
-    """The detector (``Sam3Model``) of an image or a video checkpoint."""
-    if checkpoint_type(path) == "sam3_video":
-        return load_video_model(path, dtype).detector_model
-    return Sam3Model.from_pretrained(os.fspath(check_checkpoint(path)), local_files_only=True, dtype=dtype)
 
 
 def tracker_state(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

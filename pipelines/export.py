@@ -107,8 +107,8 @@ def consolidated_state(checkpoint: Path) -> dict:
 
 def with_tracker(model, train_cfg, tracker: str | None, allow_random_tracker: bool):
     """The exported model: the detector alone, or assembled with a tracker (see configs/export.yaml)."""
-    from medsam3.model import CheckpointError
-    from medsam3.video import assemble_video_model, checkpoint_type
+    from medsam3.model import CheckpointError, checkpoint_type
+    from medsam3.video import assemble_video_model
 
     if model.config.model_type == "sam3_video":  # a clip-trained run: its own tracker
         return model
