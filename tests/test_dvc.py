@@ -3,8 +3,10 @@ reproducibly, and re-runs only what changed."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,59 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_import_graph import closure, imported_names, module_file, project_modules, runtime_nodes
+
 REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "medsam3" / "cli.py"  # the `medsam3` command (pyproject's project.scripts)
+
+
+def stage_modules(cmd: str) -> set[str]:
+    """The project modules a stage's ``medsam3 <subcommand> ...`` command runs: medsam3/cli.py, what
+    it imports at module level and in its branch for the subcommand, and all that those import."""
+    program, command = shlex.split(cmd)[:2]
+    assert program == "medsam3", f"{cmd!r}: not a medsam3 command"
+    tree = ast.parse(CLI.read_text())
+    branches = [node for node in ast.walk(tree) if isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and ast.unparse(node.test) == f"args.command == {command!r}"]
+    assert len(branches) == 1, f"medsam3/cli.py has no branch for {command!r}"
+    nodes = [*runtime_nodes(tree, functions=False), *(n for stmt in branches[0].body for n in runtime_nodes(stmt))]
+    return {"medsam3.cli"} | closure(project_modules(imported_names(nodes, CLI)))
+
+
+def stage_files(stage: dict) -> set[Path]:
+    return {module_file(name).relative_to(REPO) for name in stage_modules(stage["cmd"])}
+
+
+def unlisted_code(stage: dict) -> list[str]:
+    """The files of the code a stage runs that none of its deps (a file or a folder) covers."""
+    deps = [Path(dep) for dep in stage.get("deps", [])]
+    return sorted(str(f) for f in stage_files(stage) if not any(f == dep or dep in f.parents for dep in deps))
+
+
+def test_the_code_of_a_stage_is_found_through_lazy_imports():
+    train = {module_file(m).relative_to(REPO).as_posix() for m in stage_modules("medsam3 train a b")}
+    # pipelines/train.py imports these inside functions, and medsam3/cli.py imports it inside main()
+    assert {"pipelines/train.py", "pipelines/clip_data.py", "medsam3/lora.py", "medsam3/__init__.py",
+            "pipelines/__init__.py", "medsam3/cli.py", "medsam3/config.py"} <= train
+    assert not any(f.startswith(("serve/", "preprocessing/")) for f in train)  # other subcommands' code
+    assert unlisted_code({"cmd": "medsam3 phantom out", "deps": ["medsam3"]}) == []
+    assert unlisted_code({"cmd": "medsam3 phantom out", "deps": ["medsam3/cli.py", "medsam3/config.py",
+                                                                  "medsam3/errors.py", "medsam3/io"]}) == [
+        "medsam3/__init__.py", "medsam3/phantom.py", "medsam3/transforms.py", "medsam3/vocab.py"]
+
+
+def test_every_stage_lists_the_code_it_runs_as_deps():
+    """`dvc repro` re-runs a stage when code it runs changes: each file of it is a dep (or in one)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = {name: files for name, stage in stages.items() if (files := unlisted_code(stage))}
+    assert not missing, "dvc.yaml: code a stage runs but does not list in its deps: " + "; ".join(
+        f"{name}: {', '.join(files)}" for name, files in missing.items())
+    # and no module it does not run (which would re-run it for nothing)
+    extra = {name: files for name, stage in stages.items()
+             if (files := sorted({d for d in stage.get("deps", []) if d.endswith(".py")}
+                                 - {str(f) for f in stage_files(stage)}))}
+    assert not extra, "dvc.yaml: deps on modules the stage does not run: " + "; ".join(
+        f"{name}: {', '.join(files)}" for name, files in extra.items())
 
 
 @pytest.mark.slow

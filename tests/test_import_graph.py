@@ -4,6 +4,7 @@ function (this codebase imports lazily a lot), between the project's packages.""
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,24 +33,27 @@ def _type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and getattr(test, "id", getattr(test, "attr", None)) == "TYPE_CHECKING"
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+def runtime_nodes(tree: ast.AST, functions: bool = True) -> Iterator[ast.AST]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only, never
+    run); ``functions=False``: nor those in function bodies (what importing the module runs)."""
     todo = [tree]
     while todo:
         node = todo.pop()
         yield node
+        if not functions and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
         for child in ast.iter_child_nodes(node):
             if _type_checking(node) and child in node.body:
                 continue
             todo.append(child)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The modules ``path`` imports anywhere in it (module level, in functions, in classes), each
-    named as precisely as the import allows: ``from a import b`` names ``a.b`` when b is a
-    submodule, else ``a``."""
+def imported_names(nodes: Iterable[ast.AST], path: Path) -> set[str]:
+    """The modules the import statements among ``nodes`` (of the file ``path``) import, each named
+    as precisely as the import allows: ``from a import b`` names ``a.b`` when b is a submodule,
+    else ``a``."""
     names: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -62,20 +66,31 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def project_imports(path: Path, parents: bool = False) -> set[str]:
-    """The project modules ``path`` imports. ``parents``: also the packages whose ``__init__``
-    each import runs first (``medsam3.io.case`` runs ``medsam3/io/__init__.py``)."""
+def imported_modules(path: Path) -> set[str]:
+    """The modules ``path`` imports anywhere in it: module level, in functions, in classes."""
+    return imported_names(runtime_nodes(ast.parse(path.read_text(), str(path))), path)
+
+
+def project_modules(names: Iterable[str], parents: bool = False) -> set[str]:
+    """The project modules among ``names``. ``parents``: also the packages whose ``__init__``
+    importing each runs first (``medsam3.io.case`` runs ``medsam3/io/__init__.py``)."""
     found: set[str] = set()
-    for name in imported_modules(path):
+    for name in names:
         parts = name.split(".")
         found.update(".".join(parts[:i]) for i in range(1 if parents else len(parts), len(parts) + 1))
     return {name for name in found if module_file(name) is not None}
 
 
-def closure(roots: set[str]) -> set[str]:
-    """``roots`` and every project module they import, directly or not."""
+def project_imports(path: Path, parents: bool = False) -> set[str]:
+    """The project modules ``path`` imports (``parents``: see :func:`project_modules`)."""
+    return project_modules(imported_modules(path), parents)
+
+
+def closure(roots: Iterable[str]) -> set[str]:
+    """``roots`` and every project module they import, directly or not, with the packages whose
+    ``__init__`` each import runs."""
     seen: set[str] = set()
-    todo = list(roots)
+    todo = list(project_modules(roots, parents=True))
     while todo:
         name = todo.pop()
         if name in seen:
