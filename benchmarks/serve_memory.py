@@ -4,7 +4,7 @@ Each measurement runs in a fresh process: a CT volume (int16 or float32) as a gz
 ingress's own path (``read_scan``, items made chunk by chunk as ``SegmentAPI._run`` does, answers
 filled in, the NIfTI label map written) with the model's answers replaced by empty masks (the
 model runs in another process). The peak resident memory above the process's baseline, divided
-by the voxels, is the per-voxel cost that ``serve/app.py``'s ``BYTES_PER_VOXEL`` (+ 1 byte per
+by the voxels, is the per-voxel cost that ``serve/ingress.py``'s ``BYTES_PER_VOXEL`` (+ 1 byte per
 prompt) budgets with ``max_decoded_mb``. The figures are also written as JSON (``--json``,
 default ``benchmarks/results/serve_memory.json``).
 """
