@@ -284,7 +284,8 @@ class Preprocessor:
         count = self.num_slices(case)
         return [PromptResult(p, np.zeros(shape, bool), np.zeros(count, np.float32),
                              self.in_vocabulary(p, case.modality, trained),
-                             None if b is None else [float(v) for v in b])
+                             None if b is None else [float(v) for v in b],
+                             slice_axis=self.axis if case.is_3d else None)
                 for p, b in zip(prompts, boxes, strict=True)]
 
     def fill(self, case: Case, results: list[PromptResult], items: Sequence[SliceItem],

@@ -32,7 +32,19 @@ class PromptResult:
     in_vocabulary: bool
     box: list[float] | None = None
     instances: list[np.ndarray] = field(default_factory=list)  # 2D only: one mask per kept query
+    slice_axis: int | None = None  # 3D: the mask's axis that slice_scores runs along
 
     @property
     def score(self) -> float:
         return float(self.slice_scores.max(initial=0.0))
+
+    @property
+    def slices_with_mask(self) -> int:
+        """Slices holding at least one mask voxel; a kept query can score on a slice and still
+        leave no voxel there once its mask is mapped back to the plane."""
+        if self.mask.ndim == 2:
+            return int(self.mask.any())
+        if self.slice_axis is None:
+            raise ValueError(f"{self.prompt!r}: a volume's result needs its slice_axis")
+        planes = tuple(axis for axis in range(self.mask.ndim) if axis != self.slice_axis)
+        return int(np.count_nonzero(self.mask.any(axis=planes)))

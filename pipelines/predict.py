@@ -54,7 +54,7 @@ def summarize(scan: Scan, results: Sequence[PromptResult], checkpoint: str | os.
                  "box": result.box}
         if scan.is_3d:
             entry["volume_ml"] = round(count * voxel_ml, 3)
-            entry["slices_with_mask"] = int(np.count_nonzero(result.slice_scores))
+            entry["slices_with_mask"] = result.slices_with_mask
         else:
             entry["instances"] = len(result.instances)
         if not result.in_vocabulary:

@@ -171,3 +171,22 @@ def test_predict_cli_and_bad_inputs(tiny_checkpoint, tmp_path, capsys):
         assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
     with pytest.raises(PredictError, match="box"):
         run_predict(PNG, ["a"], tiny_checkpoint, tmp_path / "x", inference_config(), boxes=["1,2,3"])
+
+
+def test_summary_counts_the_slices_that_hold_mask_voxels():
+    """summary.json's slices_with_mask: slices with mask voxels along the plans' slice axis; a
+    slice where a query scored but no voxel survived is not one."""
+    from medsam3.config import load_config
+    from medsam3.io.case import Case
+    from medsam3.io.scan import Scan
+    from medsam3.plans import Plans
+    from pipelines.predict import summarize
+
+    plans = Plans.from_prepare_config(load_config("prepare"))
+    case = Case("c1", "phantom", "CT", np.zeros((6, 5, 4), np.int16), [], {}, (1.0, 1.0, 2.0), np.eye(4))
+    [result] = Preprocessor(plans).results(case, ["liver"], [None], None)
+    result.slice_scores[:] = [0.9, 0.8, 0.7, 0.0]  # three slices scored ...
+    assert plans.slice_axis == 2
+    result.mask[2:4, 1:3, 1] = True  # two rows and two columns of slice 1
+    [entry] = summarize(Scan(case, "nifti", "c1.nii.gz"), [result], "models/demo", 0.5)["prompts"]
+    assert entry["voxels"] == 4 and entry["slices_with_mask"] == 1  # ... one holds voxels
