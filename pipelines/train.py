@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +25,9 @@ from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_sh
 from pipelines.recipe import train_loop_per_worker
 from pipelines.run_folder import SPLIT_FILE, RunFolder
 from pipelines.settings import TrainError, TrainSettings
-from pipelines.train_data import in_validation
+from pipelines.train_data import case_draw
+
+CaseKey = tuple[str, str]  # (dataset, case_id)
 
 
 def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictConfig, address: str | None = None):
@@ -38,6 +41,11 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
 
     settings = TrainSettings.from_config(cfg)  # bad settings stop here, before any worker starts
     manifest = validate_shards(shards)
+    fraction, seed = settings.val_fraction, settings.seed
+    train_cases, val_cases = split_cases(_cases(shards), fraction, seed, validate=settings.val_every > 0)
+    held_out = frozenset(val_cases)
+    print(f"cases: {len(train_cases)} for training, {len(val_cases)} held out "
+          f"(train.val_fraction={fraction:g}, train.seed={seed})")
     cfg.storage = storage.settings()  # workers get the settings in force here (config or environment)
     run = RunFolder(run_dir).open()
     plans = shards_plans(shards, manifest, run)
@@ -52,12 +60,9 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
 
     size = preset(settings.preset)["image_size"] if settings.model_path is None else \
         checkpoint_image_size(settings.model_path)
-    fraction, seed = settings.val_fraction, settings.seed
-    cases = _cases(shards)
-    split = {"val_fraction": fraction, "seed": seed,
-             "val": [f"{d}/{c}" for d, c in cases if in_validation(d, c, fraction, seed)],
-             "train": [f"{d}/{c}" for d, c in cases if not in_validation(d, c, fraction, seed)]}
-    steps_per_epoch = _steps_per_epoch(shards, settings)
+    split = {"val_fraction": fraction, "seed": seed, "val": [f"{d}/{c}" for d, c in val_cases],
+             "train": [f"{d}/{c}" for d, c in train_cases]}
+    steps_per_epoch = _steps_per_epoch(shards, settings, held_out)
     clips = settings.mode == "clips"
     # Files in a seeded order mix datasets and cases along the stream; each epoch then shuffles
     # it further in the workers' seeded buffers. The order is the same in every run with this seed.
@@ -67,12 +72,12 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = ray.data.read_parquet(paths, filesystem=filesystem)
     # augmentation runs in the workers (pipelines/train_data.py says why)
-    datasets = {"train": rows.filter(lambda r: not in_validation(r["dataset"], r["case_id"], fraction, seed))}
+    datasets = {"train": rows.filter(lambda r: (r["dataset"], r["case_id"]) not in held_out)}
     if settings.mode == "clips":  # one row per clip of consecutive slices (pipelines/clip_data.py)
         datasets["train"] = datasets["train"].groupby(list(CLIP_KEYS), num_partitions=group_partitions()).map_groups(
             make_clips, fn_kwargs={"length": settings.clip_length}, batch_format="numpy")
     if settings.val_every:
-        val = rows.filter(lambda r: in_validation(r["dataset"], r["case_id"], fraction, seed))
+        val = rows.filter(lambda r: (r["dataset"], r["case_id"]) in held_out)
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
     # RGB image + mask per row (a clip holds clip_length of them, padding included)
     decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20 * (settings.clip_length if clips else 1)
@@ -166,21 +171,41 @@ def _metrics_logger(run: RunFolder):
     return MetricsLogger()
 
 
-def _cases(shards) -> list[tuple[str, str]]:
+def split_cases(cases: Sequence[CaseKey], fraction: float, seed: int,
+                validate: bool) -> tuple[list[CaseKey], list[CaseKey]]:
+    """(training cases, validation cases): whole cases, a case held out when its seeded draw is
+    below ``fraction`` (:func:`pipelines.train_data.case_draw`). With ``validate``
+    (train.val_every > 0) at least one case is held out: on few cases the draw easily holds out
+    none (2 cases at 0.2: 64%), and validation would then have nothing to score. At least one
+    case is always left for training. Validation on fewer than 2 cases is refused (TrainError)."""
+    cases = sorted(cases)
+    if validate and len(cases) < 2:
+        raise TrainError(f"train.val_every > 0 validates on held-out cases, but the shards hold {len(cases)} "
+                         "case(s): validation needs at least 2 (one held out, one to train on); "
+                         "set train.val_every=0 to train without validation")
+    draws = {case: case_draw(*case, seed) for case in cases}
+    val = [case for case in cases if draws[case] < fraction]
+    if validate and not val:
+        val = [min(cases, key=draws.get)]  # the case nearest to being drawn
+    if len(val) == len(cases) and cases:
+        val.remove(max(val, key=draws.get))  # the one farthest from being drawn trains
+    return [case for case in cases if case not in val], val
+
+
+def _cases(shards) -> list[CaseKey]:
     table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id"])
     return sorted(set(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)))
 
 
-def _steps_per_epoch(shards, settings: TrainSettings) -> int:
+def _steps_per_epoch(shards, settings: TrainSettings, held_out: frozenset[CaseKey]) -> int:
     """Ray Train splits each epoch equally: every worker gets ⌊samples / workers⌋ samples (rows,
-    or clips in clip mode)."""
+    or clips in clip mode) of the cases not ``held_out``."""
     from pipelines.clip_data import count_clips
 
     table = shard_dataset(shard_files(shards)).to_table(columns=["dataset", "case_id", "prompt", "slice_index"])
-    fraction, seed = settings.val_fraction, settings.seed
     groups: dict[tuple[str, str, str], list[int]] = {}
     for d, c, p, k in zip(*(table.column(i).to_pylist() for i in range(4)), strict=True):
-        if not in_validation(d, c, fraction, seed):
+        if (d, c) not in held_out:
             groups.setdefault((d, c, p), []).append(k)
     samples = count_clips(groups, settings.clip_length) if settings.mode == "clips" else \
         sum(len(v) for v in groups.values())

@@ -25,10 +25,15 @@ from medsam3.transforms import model_pixels, resize_square
 _SIDE = re.compile(r"\b(left|right)\b")
 
 
+def case_draw(dataset: str, case_id: str, seed: int) -> float:
+    """A case's seeded draw in [0, 1): a hash, the same in every run and on every machine."""
+    digest = hashlib.blake2b(f"{seed}|{dataset}|{case_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
 def in_validation(dataset: str, case_id: str, fraction: float, seed: int) -> bool:
     """Whole cases go to validation (never some slices of a case): a seeded hash of the case."""
-    digest = hashlib.blake2b(f"{seed}|{dataset}|{case_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+    return case_draw(dataset, case_id, seed) < fraction
 
 
 def swap_sides(prompt: str) -> str:
