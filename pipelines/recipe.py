@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import tempfile
 import time
@@ -27,10 +28,21 @@ from pipelines.settings import TrainError, TrainSettings
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_report_log()
     recipe = FinetuneRecipe(config)
     recipe.setup()
     recipe.train()
     recipe.save_probe_outputs()
+
+
+def quiet_report_log() -> logging.Logger:
+    """Ray Train's log of each ``ray.train.report``, warnings and errors only: at INFO every rank
+    logs every step's report ("Reporting training result ... TrainingReport(...)", about 1,000
+    characters), which buries the driver's one progress line per step. Returns that logger."""
+    from ray.train.v2._internal.execution import context
+
+    context.logger.setLevel(logging.WARNING)  # a logger named after context.py's path, not ray.train's
+    return context.logger
 
 
 class FinetuneRecipe:

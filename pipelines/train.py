@@ -22,7 +22,7 @@ from medsam3.io import storage
 from medsam3.plans import Plans
 from medsam3.ray_local import group_partitions, init_ray
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
-from pipelines.recipe import train_loop_per_worker
+from pipelines.recipe import quiet_report_log, train_loop_per_worker
 from pipelines.run_folder import SPLIT_FILE, RunFolder
 from pipelines.settings import TrainError, TrainSettings
 from pipelines.train_data import case_draw
@@ -121,6 +121,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ingest_options()),
     )
+    quiet_report_log()  # the workers do the same in train_loop_per_worker
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:  # retries (FailureConfig) exhausted

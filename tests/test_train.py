@@ -297,3 +297,19 @@ def test_validation_holds_out_a_case_whenever_there_are_two():
     with pytest.raises(TrainError, match="hold 1 case"):
         split_cases([("ct", "a")], 0.2, 0, validate=True)
     assert split_cases([("ct", "a")], 0.2, 0, validate=False) == ([("ct", "a")], [])
+
+
+def test_ray_trains_per_step_report_log_keeps_only_warnings():
+    """The logger of Ray Train's per-step "Reporting training result ..." INFO line passes
+    warnings and errors only."""
+    import inspect
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from pipelines.recipe import quiet_report_log
+
+    assert "Reporting training result" in inspect.getsource(context.TrainContext._wait_then_report)
+    logger = quiet_report_log()
+    assert logger is context.logger
+    assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
