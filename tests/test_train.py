@@ -143,50 +143,30 @@ def test_bf16_zero3_on_cpu_trains_and_exports(shards, tmp_path):
         run_train(shards, tmp_path / "bad", train_cfg("train.precision=fp16"))
 
 
-def test_validation_counts_every_ranks_samples_with_inferences_selection(shards, tmp_path):
-    """val_every > 0: the Dice is reduced over both ranks' validation rows (not rank 0's share)."""
-    from pipelines.train_data import in_validation
-
-    # a seed that holds out exactly the case with two rows (liver and spleen): one row per rank
-    seed = next(s for s in range(1000) if [in_validation("ct2d", c, 0.5, s) for c in
-                                           ("amos_0004_75", "amos_0006_90", "s0619_32")] == [False, True, False])
-    run_dir = tmp_path / "val"
-    result = run_train(shards, run_dir, load_config("train", [
-        f"train.seed={seed}", "train.val_fraction=0.5", "train.val_every=2", "train.val_batches=100",
-        "train.batch_size=1", "train.max_steps=4", "train.checkpoint_every=4"]))
-    assert result.error is None
-    validated = [m for m in metrics(run_dir) if "val_dice" in m]
-    assert [m["step"] for m in validated] == [2, 4]
-    assert all(m["val_samples"] == 2 and 0.0 <= m["val_dice"] <= 1.0 for m in validated)
-
-
-def test_resume_by_name_continues_at_the_same_step_and_data_position(shards, tmp_path):
+def test_a_run_resumes_by_name_at_its_step_and_data_position_and_survives_a_killed_worker(shards, tmp_path):
+    """Stopped at step 3, resumed by name to step 8, and a worker SIGKILLed after the resumed
+    run's step 5: it goes on from checkpoint 4, never from the start."""
     # batch 1 × 2 workers on 4 rows: 2 steps per epoch, so step 3 stops in the middle of epoch 1
-    cfg = ("train.batch_size=1", "train.checkpoint_every=3")
+    cfg = ("train.batch_size=1", "train.checkpoint_every=2")
     run_dir = tmp_path / "resumed"
-    run_train(shards, run_dir, train_cfg("train.max_steps=3", *cfg))
-    result = run_train(shards, run_dir, train_cfg("train.max_steps=6", *cfg))
-    assert result.error is None and result.metrics["step"] == 6
-    log = metrics(run_dir)
-    assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6]
-    # the resumed run finished epoch 1 with one batch instead of starting a fresh pass at step 4
-    assert [m["epoch"] for m in log] == [0, 0, 1, 1, 2, 2]
-    for first in (0, 4):  # whole epochs: every row exactly once (the liver and the spleen of
-        seen = sorted(log[first]["samples"] + log[first + 1]["samples"])  # amos_0006 share a slice id)
-        assert len(seen) == 4 and len(set(seen)) == 3 and seen == sorted(log[0]["samples"] + log[1]["samples"])
-
-
-def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
-    run_dir = tmp_path / "killed"
-    killer = WorkerKiller(run_dir, after_steps=3)
+    assert run_train(shards, run_dir, train_cfg("train.max_steps=3", *cfg)).error is None
+    killer = WorkerKiller(run_dir, after_steps=5)
     killer.start()
-    result = run_train(shards, run_dir, train_cfg("train.max_steps=8", "train.checkpoint_every=2"))
+    result = run_train(shards, run_dir, train_cfg("train.max_steps=8", *cfg))
     killer.join()
     assert killer.killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == 8
-    steps = [m["step"] for m in metrics(run_dir)]
-    assert steps[-1] == 8 and max(steps.count(s) for s in steps) == 2  # some steps redone after the restart
-    assert min(s for s in steps if steps.count(s) == 2) >= 3  # lost at most the steps after checkpoint 2
+    log = metrics(run_dir)
+    steps = [m["step"] for m in log]
+    # resumed at step 4, not a fresh run; after the kill, redone from checkpoint 4 (at most step 5)
+    assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 8 and steps.count(4) == 1
+    assert max(steps.count(s) for s in steps) == 2 and {s for s in steps if steps.count(s) == 2} <= {5}
+    # the resumed run finished epoch 1 with one batch instead of starting a fresh pass at step 4
+    last = {m["step"]: m for m in log}  # the steps' final attempts
+    assert [last[s]["epoch"] for s in range(1, 9)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for first in (1, 5):  # whole epochs: every row exactly once (the liver and the spleen of
+        seen = sorted(last[first]["samples"] + last[first + 1]["samples"])  # amos_0006 share a slice id)
+        assert len(seen) == 4 and len(set(seen)) == 3 and seen == sorted(log[0]["samples"] + log[1]["samples"])
 
 
 def test_refuses_bad_shards_and_too_many_workers(shards, tmp_path):
@@ -211,21 +191,43 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards
     assert good == failed_at - 1
 
 
-def test_same_seed_same_losses_different_seed_different_ones(shards, tmp_path):
+@pytest.fixture(scope="module")
+def seeded_runs(shards, tmp_path_factory) -> dict[str, list[dict]]:
+    """Three 4-step runs with augmentation, box prompts and validation on: a and b with one seed,
+    c with another. Both seeds hold out exactly the case with two rows (liver and spleen), so
+    validation has one row per rank."""
+    from pipelines.train_data import in_validation
+
+    seed, other = [s for s in range(1000) if [in_validation("ct2d", c, 0.5, s) for c in
+                                              ("amos_0004_75", "amos_0006_90", "s0619_32")] == [False, True, False]][:2]
+    augmented = ("train.max_steps=4", "train.checkpoint_every=4", "train.batch_size=1", "train.box_prompt_prob=0.5",
+                 "train.flip_prob=0.5", "train.intensity_jitter=0.1", "train.crop_scale=[0.5,1.0]",
+                 "train.val_fraction=0.5", "train.val_every=2", "train.val_batches=100")
+    root = tmp_path_factory.mktemp("seeded")
+    logs = {}
+    for name, run_seed in (("a", seed), ("b", seed), ("c", other)):
+        cfg = load_config("train", [f"train.seed={run_seed}", *augmented])
+        assert run_train(shards, root / name, cfg).error is None
+        logs[name] = metrics(root / name)
+    # each rank's torch RNG is saved with the checkpoint
+    assert {p.name for p in Path(RunFolder(root / "a").latest_checkpoint()).glob("torch_rng_rank*.pt")} == {
+        "torch_rng_rank0.pt", "torch_rng_rank1.pt"}
+    return logs
+
+
+def test_same_seed_same_losses_different_seed_different_ones(seeded_runs):
     """Augmentation (crop, flip, jitter), box prompts and the shuffle are all seeded: two runs
     with one seed log identical losses and samples; another seed does not."""
-    augmented = ("train.max_steps=4", "train.checkpoint_every=4", "train.batch_size=1", "train.box_prompt_prob=0.5",
-                 "train.flip_prob=0.5", "train.intensity_jitter=0.1", "train.crop_scale=[0.5,1.0]")
-    logs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        assert run_train(shards, tmp_path / name, train_cfg(f"train.seed={seed}", *augmented)).error is None
-        logs[name] = metrics(tmp_path / name)
-    same = [[(m["loss"], m["samples"]) for m in logs[n]] for n in ("a", "b")]
+    same = [[(m["loss"], m["samples"]) for m in seeded_runs[n]] for n in ("a", "b")]
     assert same[0] == same[1] and len(same[0]) == 4
-    assert [m["loss"] for m in logs["c"]] != [m["loss"] for m in logs["a"]]
-    # each rank's torch RNG is saved with the checkpoint
-    assert {p.name for p in Path(RunFolder(tmp_path / "a").latest_checkpoint()).glob("torch_rng_rank*.pt")} == {
-        "torch_rng_rank0.pt", "torch_rng_rank1.pt"}
+    assert [m["loss"] for m in seeded_runs["c"]] != [m["loss"] for m in seeded_runs["a"]]
+
+
+def test_validation_counts_every_ranks_samples_with_inferences_selection(seeded_runs):
+    """val_every > 0: the Dice is reduced over both ranks' validation rows (not rank 0's share)."""
+    validated = [m for m in seeded_runs["a"] if "val_dice" in m]
+    assert [m["step"] for m in validated] == [2, 4]
+    assert all(m["val_samples"] == 2 and 0.0 <= m["val_dice"] <= 1.0 for m in validated)
 
 
 def test_preprocessing_plans_travel_from_prepare_to_predict(tmp_path):
@@ -273,43 +275,3 @@ def test_preprocessing_plans_travel_from_prepare_to_predict(tmp_path):
         run_train(tmp_path / "other", run_dir, train_cfg("train.max_steps=2", "train.batch_size=1"))
     with pytest.raises(EvaluateError, match="image_size: 512 vs 256"):
         run_evaluate(tmp_path / "other", [str(model)], tmp_path / "report", inference_config(stage="evaluate"))
-
-
-def test_validation_holds_out_a_case_whenever_there_are_two():
-    """split_cases: the seeded draw decides; with validation on and two or more cases at least one
-    is held out, one case always trains, and validation on a single case is refused."""
-    from pipelines.train import split_cases
-    from pipelines.train_data import in_validation
-
-    two = [("ct", "a"), ("ct", "b")]
-    none_drawn = [s for s in range(20) if not any(in_validation(*c, 0.2, s) for c in two)]
-    assert none_drawn  # at 0.2 the draw alone often holds out neither case
-    for seed in range(20):
-        train, val = split_cases(two, 0.2, seed, validate=True)
-        assert len(val) == 1 and sorted(train + val) == two
-        assert split_cases(list(reversed(two)), 0.2, seed, validate=True) == (train, val)
-    assert all(split_cases(two, 0.2, s, validate=False) == (two, []) for s in none_drawn)
-    many = [("ct", f"case_{i}") for i in range(10)]
-    train, val = split_cases(many, 0.3, 0, validate=True)
-    assert val == [c for c in many if in_validation(*c, 0.3, 0)] and 0 < len(val) < 10
-    train, val = split_cases(many, 0.999, 0, validate=True)  # the draw holds out all ten
-    assert len(train) == 1 and len(val) == 9
-    with pytest.raises(TrainError, match="hold 1 case"):
-        split_cases([("ct", "a")], 0.2, 0, validate=True)
-    assert split_cases([("ct", "a")], 0.2, 0, validate=False) == ([("ct", "a")], [])
-
-
-def test_ray_trains_per_step_report_log_keeps_only_warnings():
-    """The logger of Ray Train's per-step "Reporting training result ..." INFO line passes
-    warnings and errors only."""
-    import inspect
-    import logging
-
-    from ray.train.v2._internal.execution import context
-
-    from pipelines.recipe import quiet_report_log
-
-    assert "Reporting training result" in inspect.getsource(context.TrainContext._wait_then_report)
-    logger = quiet_report_log()
-    assert logger is context.logger
-    assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)

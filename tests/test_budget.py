@@ -1,0 +1,39 @@
+"""The per-test time budget (tests/budget.py) fails a test or fixture that runs over it."""
+
+from __future__ import annotations
+
+pytest_plugins = ["pytester"]
+
+INNER = """
+import time
+import pytest
+
+@pytest.fixture
+def slow_fixture():
+    time.sleep(0.8)
+
+def test_quick():
+    pass
+
+def test_slow_call():
+    time.sleep(0.8)
+
+def test_slow_fixture(slow_fixture):
+    pass
+"""
+
+
+def test_a_test_or_fixture_over_the_budget_fails_naming_it(pytester, monkeypatch):
+    from tests import budget
+
+    monkeypatch.setattr(budget, "BUDGET_S", 0.5)
+    monkeypatch.setattr(budget, "workload_seconds", lambda repeats=10: budget.REFERENCE_S)  # an ordinary day
+    pytester.makeconftest("def pytest_configure(config):\n"
+                          "    from tests.budget import Budget\n"
+                          "    config.pluginmanager.register(Budget(), 'budget')\n")
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    text = result.stdout.str()
+    assert "its call took 1 s" in text and "fixture slow_fixture took 1 s" in text
+    assert "budget of 0 s (0 s × this machine's slowness 1.00" in text
