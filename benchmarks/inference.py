@@ -10,7 +10,7 @@ Prints, measured in one run on this machine:
     text-started clips) against ``slices`` on the same 512×512×600 volume, with the tiny video
     model, and each run's peak RSS (a fresh process per run, so each peak is its own).
     ``--only-3d`` runs (d) alone, ``--no-3d`` everything but (d).
-Each ratio is the median over interleaved repeats, since these machines are noisy. The figures
+Each ratio is the median over interleaved repeats, since shared machines are noisy. The figures
 are also written as JSON (``--json``, default ``benchmarks/results/inference.json``; one section
 per part, a run replaces only the parts it ran).
 """
@@ -92,7 +92,7 @@ def segmenter(checkpoint: Path, batch_size: int):
 
 
 def volume_slices_per_s(model, case, prompts=("lesion",)) -> float:
-    """Slices/s of one ``segment`` call; loading the model (~0.6 s here) is not part of it."""
+    """Slices/s of one ``segment`` call; loading the model is not part of it."""
     started = time.perf_counter()
     model.segment(case, list(prompts), progress=False)
     return case.image.shape[2] / (time.perf_counter() - started)

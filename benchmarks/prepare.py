@@ -169,7 +169,7 @@ def main() -> None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Warm-up, as a long job would be after its first cases: one worker per CPU with the
         # readers imported and a full 16-row block through the memory pool (first-touch page
-        # faults cost ~1.5 s per worker on these VMs).
+        # faults are paid once per worker).
         run_prepare(write_dataset(tmp / "warm", cpus, (64, 64, 16)), tmp / "warm-out", cfg)
 
         ray_times, plain_times = [], []
