@@ -30,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 BPE = ROOT.parent / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
 SECTIONS = {
     "image": {
@@ -92,7 +94,6 @@ def main() -> None:
     parser.add_argument("--json", default=None,
                         help="where the figures go (default: benchmarks/results/import_memory.json)")
     args = parser.parse_args()
-    from benchmarks import record
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         weights = Path(tmp, "checkpoint.pt")
         size = write_checkpoint(weights, args.kind) / 2**20

@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 RECIST = ROOT.parent / "shared" / "data" / "medsam2-recist-ct"
 SECTIONS = {
     "predict": {
@@ -168,8 +170,6 @@ def propagation_table(depth: int, repeats: int, json_path: str | None = None) ->
             peak = max(m for _, m in results)
             print(f"    {name:62s} {rate:6.1f} slices/s  ({rate / base:.2f}x slices)  peak RSS {peak:5.0f} MB")
             rows.append([name, f"{rate:.1f}", f"{rate / base:.2f}×", f"{peak:,.0f} MB"])
-    from benchmarks import record
-
     record.write_section(
         json_path or record.default_path(__file__), __file__, SECTIONS, "3d",
         tables=[record.table(f"a 512×512×{depth} CT volume ({512 * 512 * depth * 2 / 2**20:,.0f} MiB as int16), tiny "
@@ -191,8 +191,6 @@ def main() -> None:
     parser.add_argument("--json", default=None,
                         help="where the figures go (default: benchmarks/results/inference.json)")
     args = parser.parse_args()
-    from benchmarks import record
-
     json_path = args.json or record.default_path(__file__)
     if args.only_3d:
         propagation_table(args.depth_3d, args.repeats, json_path)

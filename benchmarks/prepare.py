@@ -28,6 +28,8 @@ from medsam3.phantom import ORGANS, VERTEBRA
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 SECTIONS = {
     "prepare": {
         "title": "medsam3 prepare: Ray Data against one process, and peak memory",
@@ -201,8 +203,6 @@ def main() -> None:
         print(f"  peak RSS {peak / 2**20:.0f} MiB; {(peak - idle) / 2**20:.0f} MiB above the process after imports "
               f"({idle / 2**20:.0f} MiB)")
         print(f"  peak / raw = {peak / raw:.2f}x total, {(peak - idle) / raw:.2f}x above imports   (target <= 3x)")
-
-    from benchmarks import record
 
     ratio = plain_s / ray_s
     record.write_section(

@@ -28,6 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # when the benchmark imported this
+
+
+def load_average() -> dict:
+    """The machine's 1-minute load average when the benchmark started and now: other work on the
+    machine shows here."""
+    now = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"start": None if LOAD_AT_START is None else round(LOAD_AT_START, 2),
+            "end": None if now is None else round(now, 2)}
 
 
 def default_path(script: str) -> Path:
@@ -90,7 +99,7 @@ def machine() -> dict:
             gpu = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name()}"
     return {"cpu": cpu_model(), "cores": cores, "usable_cores": usable, "ram_gib": ram_gib(), "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version(), "torch": _version("torch"),
-            "ray": _version("ray")}
+            "ray": _version("ray"), "load_average_1m": load_average()}
 
 
 def target(measure: str, value: float, goal: str) -> dict:

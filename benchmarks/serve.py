@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 PNG = ROOT.parent / "shared" / "data" / "sam-med2d-demo" / "images" / "amos_0004_75.png"
 SLICES = ("amos_0004_75.png", "amos_0006_90.png", "s0114_111.png", "s0619_32.png")
 SECTIONS = {
@@ -165,8 +167,6 @@ def adapter_times(checkpoint: Path, folder: Path, rounds: int = 20) -> dict[str,
 
 
 def print_adapter_times(times: dict[str, float], json_path) -> None:
-    from benchmarks import record
-
     full = times["model load"]
     print("\nLoRA adapters on the tiny SAM3 (r=16, CPU): median seconds")
     rows = []
@@ -226,8 +226,6 @@ def main() -> None:
     parser.add_argument("--monailabel", action="store_true", help="only the MONAI Label routes against /v1")
     parser.add_argument("--json", default=None, help="where the figures go (default: benchmarks/results/serve.json)")
     args = parser.parse_args()
-    from benchmarks import record
-
     json_path = args.json or record.default_path(__file__)
     if args.monailabel:
         import ray

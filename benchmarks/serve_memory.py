@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 SECTIONS = {
     "volume": {
         "title": "Ingress memory per voxel of a volume request",
@@ -85,8 +87,6 @@ def main() -> None:
     parser.add_argument("--json", default=None,
                         help="where the figures go (default: benchmarks/results/serve_memory.json)")
     args = parser.parse_args()
-    from benchmarks import record
-
     print("ingress memory per voxel of a volume request (CT, NIfTI in and out)")
     print("volume           dtype    prompts  bytes/voxel  budgeted (8 + prompts)")
     rows, worst = [], None

@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import record  # noqa: E402  (needs ROOT on the path)
+
 SECTIONS = {
     "images": {
         "title": "medsam3 train: Ray Train + DeepSpeed ZeRO-3 against one plain process (images)",
@@ -172,7 +174,7 @@ def main() -> None:
 
     from medsam3.config import load_config
     from medsam3.phantom import write_phantom_dataset
-    from pipelines.train import run_train
+    from pipelines.train import run_train, train_environment
     from preprocessing.prepare import run_prepare
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +182,7 @@ def main() -> None:
         from medsam3.ray_local import init_ray
 
         init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 env={"DS_ACCELERATOR": "cpu"})
+                 env=train_environment(use_gpu=False))
         clip_mode = []
         if args.stages:
             write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
@@ -211,8 +213,6 @@ def main() -> None:
         print(f"  (b) one plain PyTorch process:                {plain_rate:6.2f} {unit}/s")
         print(f"  per-sample time (a)/(b): {plain_rate / ray_rate:.2f}x   (target <= 1.5x)")
         print(f"  data wait in (a): {100 * wait:.1f} % of step time   (target < 10 %)")
-
-        from benchmarks import record
 
         section = "clips" if args.clips else "images"
         unit = "clips/s" if args.clips else "samples/s"
@@ -255,8 +255,6 @@ def compare_stages(tmp: Path, steps: int, overrides: list[str], json_path: str |
           "included | loss at the last step")
     for stage, rate, held, peak, loss in rows:
         print(f"  {stage:5d} | {rate:9.2f} | {stage3 / rate:25.2f}x | {held:23,.0f} MB | {peak:25,.0f} MB | {loss:.3f}")
-
-    from benchmarks import record
 
     record.write_section(
         json_path or record.default_path(__file__), __file__, SECTIONS, "stages",

@@ -73,6 +73,9 @@ def machine_line(machine: dict) -> str:
             parts.append(f"{'Python' if name == 'python' else name} {machine[name]}")
     if machine.get("platform"):
         parts.append(machine["platform"])
+    load = machine.get("load_average_1m") or {}
+    if load.get("start") is not None and load.get("end") is not None:
+        parts.append(f"1-minute load average {load['start']} at the start, {load['end']} at the end")
     return ", ".join(parts)
 
 
