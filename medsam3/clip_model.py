@@ -24,6 +24,8 @@ its last frame that the loss ignores.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +109,12 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                 current_vision_features=frame_feats[-1], current_vision_positional_embeddings=frame_pos[-1],
                 num_total_frames=length, track_in_reverse_time=reverse)
             points = prompt if is_seed else None
-            out = tracker._single_frame_forward(
-                input_points=None if points is None else points["point_coords"],
-                input_labels=None if points is None else points["point_labels"],
-                image_embeddings=high_res + [conditioned],
-                multimask_output=tracker._use_multimask(is_seed, points))
+            with inference_mask_choice(tracker.mask_decoder):
+                out = tracker._single_frame_forward(
+                    input_points=None if points is None else points["point_coords"],
+                    input_labels=None if points is None else points["point_labels"],
+                    image_embeddings=high_res + [conditioned],
+                    multimask_output=tracker._use_multimask(is_seed, points))
             memory, memory_pos = tracker._encode_new_memory(
                 current_vision_feats=frame_feats[-1], pred_masks_high_res=out.high_res_masks,
                 object_score_logits=out.object_score_logits, is_mask_from_pts=points is not None)
@@ -123,6 +126,23 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             results[k] = (out.high_res_masks.reshape(tracker.image_size, tracker.image_size),
                           iou.max() if iou.numel() > 1 else iou[0], out.object_score_logits.reshape(()))
         return tuple(torch.stack([results[k][i] for k in range(length)]) for i in range(3))
+
+
+@contextmanager
+def inference_mask_choice(decoder: torch.nn.Module) -> Iterator[None]:
+    """The tracker's mask decoder picks its single mask the way it does at inference.
+
+    In eval mode transformers' decoder (as SAM2's) replaces an unstable single-mask output by its
+    best multimask output (``dynamic_multimask_via_stability``); in training mode it always keeps
+    the single mask. Training the single mask alone leaves the multimask outputs as they were (random
+    in a model trained from scratch), and propagation then falls back to them on any slice whose
+    single mask is unstable. The decoder has no dropout, so its mode changes nothing else."""
+    mode = decoder.training
+    decoder.training = False
+    try:
+        yield
+    finally:
+        decoder.training = mode
 
 
 def tracker_loss(outputs: ClipOutputs, masks: torch.Tensor, valid: torch.Tensor,

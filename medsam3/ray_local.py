@@ -5,7 +5,8 @@ its GCS, raylet, workers and agents listen on 127.0.0.1 only. Ray binds its serv
 address, and ``ray.init`` turns a loopback node address into the machine's network address
 unless its "no cluster" mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the switch Ray uses
 on laptops); this module turns it on for the Ray it starts. With ``address`` (or RAY_ADDRESS)
-the stage joins an existing cluster, whose networking is the cluster's own.
+the stage joins an existing cluster, whose networking is the cluster's own; a loopback address
+is a single-node Ray on this machine, joined from 127.0.0.1 as well.
 """
 
 from __future__ import annotations
@@ -27,16 +28,21 @@ def init_ray(address: str | None = None, env: dict[str, str] | None = None, **kw
     import ray
     from ray._private import ray_constants
 
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    joining = address or os.environ.get("RAY_ADDRESS")
+    if not joining or joining.startswith(("127.", "localhost:")):
         # read when ray is imported (by then it may be), and inherited by the processes Ray starts
         os.environ[NO_CLUSTER] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
+    if not joining:
         os.environ.update(env or {})
-    elif env:
-        runtime_env = dict(kwargs.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
-        kwargs["runtime_env"] = runtime_env
+    else:
+        for key in ("num_cpus", "num_gpus"):  # the size of a Ray started here; a cluster has its own
+            kwargs.pop(key, None)
+        if env:
+            runtime_env = dict(kwargs.get("runtime_env") or {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+            kwargs["runtime_env"] = runtime_env
     ray.init(address=address, **kwargs)
 
 

@@ -16,6 +16,7 @@ from tests.builders import RECIST, SAMMED2D, SERVE_LIMITS, SHARED
 for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # the dvc CLI the tests run sends no usage reports
 
 
 def pytest_configure(config):
@@ -35,13 +36,14 @@ def ray_local():
     """One embedded Ray for every test that runs a Ray job (starting Ray costs seconds)."""
     import ray
 
+    from pipelines.train import train_environment
     from serve.limits import proxy_environment
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.update(proxy_environment(SERVE_LIMITS))  # the body limit in Serve's HTTP proxy
     # 3 logical CPUs: two training workers plus one for the Ray Data pipeline that feeds them
     init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             env={"DS_ACCELERATOR": "cpu"})
+             env=train_environment(use_gpu=False))
     yield ray
     ray.shutdown()
 
@@ -109,9 +111,8 @@ CLIP_STEPS = (40, 60, 80, 100)
 
 @pytest.fixture(scope="session")
 def lesion_shards(tmp_path_factory):
-    """`prepare` of the lesion volume at 224² (the tiny video model's input): ``shards`` holds the
-    lesion slices only (two clips of 4 consecutive slices, 3-6 and 6-9), ``volume-shards`` every
-    slice (four clips: 0-3, 4-7, 8-11 and 9-12, the lesion absent from six slices)."""
+    """`prepare` of the lesion volume at 224² (the tiny video model's input), lesion slices only:
+    two clips of 4 consecutive slices (3-6 and 6-9)."""
     import shutil
 
     from medsam3.config import load_config
@@ -120,9 +121,8 @@ def lesion_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("lesion")
     (root / "scans").mkdir()
     shutil.copy(RECIST / LESION_CASE, root / "scans")
-    for out, empty in (("shards", 0), ("volume-shards", 1)):
-        run_prepare(root / "scans", root / out, load_config("prepare", ["image_size=224", "modality=CT",
-                                                                        f"empty_fraction={empty}"]))
+    run_prepare(root / "scans", root / "shards", load_config("prepare", ["image_size=224", "modality=CT",
+                                                                          "empty_fraction=0"]))
     return root
 
 
@@ -165,15 +165,15 @@ def seed_on_middle_slice(gt: np.ndarray, axis: int) -> tuple[int, str]:
 
 @pytest.fixture(scope="session")
 def clip_trained(ray_local, lesion_shards):
-    """A 2-worker ZeRO-3 clip run (detector + tracker) on the lesion volume's four clips, trained
-    until box-seeded propagation tracks the lesion (TRACKED), exported as a video checkpoint:
+    """A 2-worker ZeRO-3 clip run (detector + tracker) on the lesion's two clips, trained until
+    box-seeded propagation tracks the lesion through the volume (TRACKED), exported as a video checkpoint:
     (run folder, export folder, scans folder, shards folder). Fails, with the scores, when the
     last of CLIP_STEPS is reached first."""
     from medsam3.config import load_config
     from pipelines.export import export_run
     from pipelines.train import run_train
 
-    run_dir, shards, scans = lesion_shards / "run", lesion_shards / "volume-shards", lesion_shards / "scans"
+    run_dir, shards, scans = lesion_shards / "run", lesion_shards / "shards", lesion_shards / "scans"
     history = []
     for steps in CLIP_STEPS:  # each stop resumes the run from its last checkpoint
         result = run_train(shards, run_dir, load_config("train", [*CLIPS, *OVERFIT, f"train.max_steps={steps}",

@@ -71,7 +71,7 @@ def test_every_stage_lists_the_code_it_runs_as_deps():
 
 
 @pytest.mark.slow
-def test_dvc_pipeline_runs_end_to_end_and_reruns_only_what_changed(tmp_path):
+def test_dvc_pipeline_runs_end_to_end_and_reruns_only_what_changed(ray_local, tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
     for name in ("dvc.yaml", ".dvcignore"):
@@ -83,7 +83,9 @@ def test_dvc_pipeline_runs_end_to_end_and_reruns_only_what_changed(tmp_path):
     params["train"]["train"] |= {"max_steps": 4, "checkpoint_every": 2, "val_every": 0, "batch_size": 1}
     params["evaluate"]["gallery"] = 0
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # every stage joins the session's Ray (RAY_ADDRESS), as stages join a cluster, instead of starting its own
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
     def dvc(*args: str) -> str:
         run = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True)

@@ -128,8 +128,8 @@ def test_deterministic_outputs(prepared, mixed_root, tmp_path):
 
 
 def test_shard_sink_keeps_the_rows_order_and_splits_files(tmp_path):
-    # Ray's write_parquet let pyarrow's threaded writer reorder a task's blocks (CI saw a shard
-    # differ between two identical runs); the sink writes them as they come.
+    # pyarrow's threaded dataset writer (behind Ray's write_parquet) may reorder a task's blocks;
+    # the sink writes them in the order they come.
     import pyarrow.fs as pafs
     from ray.data._internal.execution.interfaces import TaskContext
 

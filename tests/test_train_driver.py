@@ -45,3 +45,16 @@ def test_ray_trains_per_step_report_log_keeps_only_warnings():
     logger = quiet_report_log()
     assert logger is context.logger
     assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+
+
+def test_a_training_ray_polls_its_workers_often_and_uses_deepspeeds_cpu_accelerator_without_gpus():
+    """Ray Train's controller takes each report when it polls; its default interval (2 s) would be
+    the shortest step. The controller reads the interval from its environment."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from pipelines.train import train_environment
+
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert float(train_environment(use_gpu=True)["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) <= 0.25
+    assert "DS_ACCELERATOR" not in train_environment(use_gpu=True)
+    assert train_environment(use_gpu=False)["DS_ACCELERATOR"] == "cpu"
