@@ -1,8 +1,8 @@
 """The MONAI Label protocol, so that 3D Slicer's and OHIF's MONAI Label modules (and MONAI
 Label's Python client) can use the endpoint: what ``/info/`` lists, how an ``/infer`` request's
 ``params`` become prompts, where clicks and boxes land on the model's planes, and the
-datastore / session image store. The routes are in ``serve/app.py`` and run on the same
-ingress, limits, keys, model replicas and batching as ``/v1``.
+datastore / session image store. The routes are in ``serve/monailabel_routes.py`` and run on
+the same ingress, limits, keys, model replicas and batching as ``/v1``.
 
 Each served model is listed twice: ``ID`` (type ``segmentation``: text prompts, the viewer's
 auto-segmentation) and ``ID-interactive`` (type ``deepgrow``: one label with foreground /
