@@ -6,11 +6,13 @@ each answering as its own `predict --adapter`; concurrent requests with differen
 get their own image's answer; bad and hostile inputs get clear 4xx answers before memory is
 spent and leave the server healthy; /v1 needs an API key that never reaches a log; every Ray
 process listens on loopback only; the API survives fuzzing from its own OpenAPI schema; the web
-page works in Chromium.
+page works in Chromium and draws a small slice scaled to the window, nearest neighbour, with the
+masks aligned.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import io
@@ -332,6 +334,50 @@ def test_the_page_in_headless_chromium(url, tmp_path):
     answer = post(url, PNG)
     assert masked == decode(answer.json()["masks"][0]["rle"][0]).sum()
     assert json.dumps(answer.json())  # plain JSON
+
+
+def test_the_page_scales_a_small_slice_to_the_window_pixel_for_pixel(url, tmp_path):
+    """A 128×128 slice in a 1600×1200 window is drawn at a whole multiple (≥ 2×) of its size, within
+    the window; the mask layer's box is the slice's; and the screenshot is the page's own 128×128
+    picture (slice and masks) with every pixel repeated scale × scale times: nearest neighbour, the
+    masks on the pixels they belong to."""
+    from playwright.sync_api import sync_playwright
+
+    small = tmp_path / "small.png"
+    Image.open(PNG).resize((128, 128), Image.Resampling.BILINEAR).save(small)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.set_input_files("#file", str(small))
+        page.fill("#prompts", "liver")
+        page.click("#go")
+        page.wait_for_selector("#legend .entry", timeout=60_000)
+        masked = int(page.get_attribute("#canvas", "data-masked"))
+        boxes = page.evaluate("""() => Object.fromEntries(["image", "canvas"].map(id => {
+            const r = document.getElementById(id).getBoundingClientRect();
+            return [id, [r.x, r.y, r.width, r.height]]; }))""")
+        natural = page.evaluate("""() => {  // the slice with its masks, at the slice's own pixels
+            const image = document.getElementById("image"), out = document.createElement("canvas");
+            out.width = image.width; out.height = image.height;
+            const ctx = out.getContext("2d");
+            ctx.drawImage(image, 0, 0); ctx.drawImage(document.getElementById("canvas"), 0, 0);
+            return out.toDataURL("image/png"); }""")
+        x, y, width, height = boxes["image"]
+        shot = page.screenshot(clip={"x": round(x), "y": round(y), "width": width, "height": height})
+        browser.close()
+    assert masked > 0
+    assert boxes["canvas"] == boxes["image"]
+    scale = width / 128
+    assert scale >= 2 and scale == int(scale) and height == width
+    assert y + height <= 1200 and x + width <= 1600
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(natural.split(",")[1]))).convert("RGB"))
+    assert picture.shape == (128, 128, 3)
+    drawn = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+    repeated = picture.repeat(int(scale), axis=0).repeat(int(scale), axis=1).astype(int)
+    assert np.abs(drawn - repeated).max() <= 2
 
 
 # --- concurrency: every answer from its own image -----------------------------------------------
