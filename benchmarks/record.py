@@ -45,16 +45,16 @@ def default_path(script: str) -> Path:
 
 
 def _relative(path: str) -> str:
-    try:
-        return os.path.relpath(path) if Path(path).resolve().is_relative_to(ROOT) else path
-    except ValueError:
-        return path
+    """``path`` relative to the repository root when it lies inside it (symlinks not followed)."""
+    absolute = Path(os.path.abspath(path))
+    return str(absolute.relative_to(ROOT)) if absolute.is_relative_to(ROOT) else path
 
 
 def command_line() -> str:
-    """The command this process was started with (interpreter and script relative to the repository)."""
-    executable = _relative(sys.executable) if Path(sys.executable).is_relative_to(ROOT) else Path(sys.executable).name
-    return shlex.join([executable, _relative(sys.argv[0]), *sys.argv[1:]])
+    """The command this process was started with, run from the repository root (the interpreter
+    and the script relative to it, an interpreter outside it by name)."""
+    executable = sys.executable if Path(os.path.abspath(sys.executable)).is_relative_to(ROOT) else "python"
+    return shlex.join([_relative(executable), _relative(sys.argv[0]), *sys.argv[1:]])
 
 
 def cpu_model() -> str:

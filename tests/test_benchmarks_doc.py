@@ -68,6 +68,16 @@ def test_the_page_renders_each_table_and_says_what_was_not_measured(tmp_path):
     assert "Not measured on this machine." in unrun
     assert "## record" not in page
     assert page.index("## made_up") < page.index("## unrun")
+    assert "busy with other work" not in page
+
+
+def test_a_result_measured_on_a_busy_machine_says_so(tmp_path):
+    result = json.loads(json.dumps(RESULT))
+    result["sections"][0]["machine"]["load_average_1m"] = {"start": 7.5, "end": 1.0}
+    (tmp_path / "made_up.json").write_text(json.dumps(result))
+    page = generator().render(tmp_path, tmp_path / "no-scripts")
+    assert "1-minute load average 7.5 at the start, 1.0 at the end" in page
+    assert "**Measured while the machine was busy with other work**" in page
 
 
 def test_a_benchmark_run_replaces_only_its_own_section(tmp_path, monkeypatch):

@@ -79,6 +79,12 @@ def machine_line(machine: dict) -> str:
     return ", ".join(parts)
 
 
+def busy(machine: dict) -> bool:
+    """Whether the machine ran other work: a 1-minute load average above its core count."""
+    load, cores = machine.get("load_average_1m") or {}, machine.get("usable_cores") or machine.get("cores")
+    return bool(cores) and max(v for v in (load.get("start"), load.get("end"), 0) if v is not None) > cores
+
+
 def render_target(target: dict) -> list:
     goal = target["target"].replace(">=", "≥").replace("<=", "≤")
     return [target["measure"], target["value"], goal, "met" if target.get("met") else "**missed**"]
@@ -93,6 +99,9 @@ def render_section(benchmark: str, section: dict) -> list[str]:
              f"- Machine: {machine_line(section.get('machine', {}))}",
              f"- Date (UTC): {section['date']}",
              f"- Command: `{section['command']}`", ""]
+    if busy(section.get("machine", {})):
+        lines += ["**Measured while the machine was busy with other work** (load average above its core count): "
+                  "rates are low and ratios between runs unreliable; rerun the command on an idle machine.", ""]
     for table in section.get("tables", []):
         if table.get("title"):
             lines += [f"{table['title']}:", ""]
