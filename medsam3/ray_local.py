@@ -51,7 +51,7 @@ def keep_serve_replicas_on_loopback() -> None:
 
     Ray Serve 2.60 starts that server on ``[::]:0`` whatever the node address (``replica.py``,
     ``_on_initialized``); every other Ray server follows the node address. Called where the
-    deployment classes are imported (``serve/app.py``), i.e. in each replica before it starts the
+    deployment classes are imported (``serve/model.py``), i.e. in each replica before it starts the
     server; replicas on a cluster node (not loopback) are left as Ray made them."""
     from ray.serve._private import replica
 

@@ -10,6 +10,7 @@ of the two counting. A slow day gets a longer budget; a test that grew does not.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -37,12 +38,13 @@ def workload_seconds(repeats: int = 10) -> float:
 
 
 class Budget:
-    def __init__(self) -> None:
-        self.slowness = max(1.0, workload_seconds() / REFERENCE_S)
+    def __init__(self, budget_s: float = BUDGET_S, measure: Callable[[], float] = workload_seconds) -> None:
+        self.budget_s, self.measure = budget_s, measure
+        self.slowness = max(1.0, measure() / REFERENCE_S)
         self.fixtures: list[tuple[str, float]] = []  # set up during the current test's setup
 
     def limit(self) -> float:
-        return BUDGET_S * self.slowness
+        return self.budget_s * self.slowness
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
@@ -60,13 +62,14 @@ class Budget:
             timed, self.fixtures = timed + self.fixtures, []
         if not report.passed or all(seconds <= self.limit() for _, seconds in timed):
             return
-        self.slowness = max(self.slowness, workload_seconds() / REFERENCE_S)
+        self.slowness = max(self.slowness, self.measure() / REFERENCE_S)
         over = [f"{what} took {seconds:.0f} s" for what, seconds in timed if seconds > self.limit()]
         if over:
             report.outcome = "failed"
             report.longrepr = (f"{item.nodeid}: {'; '.join(over)}, over the budget of {self.limit():.0f} s "
-                               f"({BUDGET_S:.0f} s × this machine's slowness {self.slowness:.2f}; tests/budget.py)")
+                               f"({self.budget_s:.0f} s × this machine's slowness {self.slowness:.2f}; "
+                               "tests/budget.py)")
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_line(f"time budget per test: {self.limit():.0f} s "
-                                    f"({BUDGET_S:.0f} s × measured slowness {self.slowness:.2f})")
+                                    f"({self.budget_s:.0f} s × measured slowness {self.slowness:.2f})")

@@ -23,14 +23,12 @@ def test_slow_fixture(slow_fixture):
 """
 
 
-def test_a_test_or_fixture_over_the_budget_fails_naming_it(pytester, monkeypatch):
-    from tests import budget
-
-    monkeypatch.setattr(budget, "BUDGET_S", 0.5)
-    monkeypatch.setattr(budget, "workload_seconds", lambda repeats=10: budget.REFERENCE_S)  # an ordinary day
+def test_a_test_or_fixture_over_the_budget_fails_naming_it(pytester):
+    # a half-second budget on an ordinary day (the workload at its reference time)
     pytester.makeconftest("def pytest_configure(config):\n"
-                          "    from tests.budget import Budget\n"
-                          "    config.pluginmanager.register(Budget(), 'budget')\n")
+                          "    from tests.budget import REFERENCE_S, Budget\n"
+                          "    budget = Budget(budget_s=0.5, measure=lambda: REFERENCE_S)\n"
+                          "    config.pluginmanager.register(budget, 'budget')\n")
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1, errors=1)

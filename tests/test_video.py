@@ -295,7 +295,7 @@ def test_predict_and_evaluate_propagate(clip_trained, tmp_path):
     assert (table["slices"] == gt.shape[segmenter.prep.axis]).all()  # whole volumes, every slice
     assert table.loc["propagate+box", "dice"] > 0.5  # whole volumes (see lesion_slices_dice)
     report = (out / "report.md").read_text()
-    assert "| model | propagate+box |" in report and "| model | text |" in report
+    assert f"| {model.name} | propagate+box |" in report and f"| {model.name} | text |" in report
 
 
 @pytest.mark.slow

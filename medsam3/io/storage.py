@@ -205,10 +205,12 @@ def cache_folder(kind: str, uri: str) -> Path:
 
 
 def local_copy(path: str | os.PathLike) -> Path:
-    """A local path for reading ``path``: itself when local; for a URI (a folder or one file), a
-    copy in the cache (``storage.cache_dir``), fetched again when the remote sizes or ETags change."""
+    """A local path for reading ``path``: itself, absolute, when local (Ray tasks run in the
+    workers' working directory, a joined cluster's rather than ours); for a URI (a folder or one
+    file), a copy in the cache (``storage.cache_dir``), fetched again when the remote sizes or ETags
+    change."""
     if not is_remote(path):
-        return Path(path)
+        return Path(path).absolute()
     uri = os.fspath(path).rstrip("/")
     fs, inner = filesystem(uri)
     cache = cache_folder("remote", uri)
