@@ -1,7 +1,7 @@
 """Clips for ``train.mode=clips``: shard rows of one (dataset, case, prompt) → runs of K
 consecutive slices, each one training sample for the detector (every frame) and the tracker.
 
-Ray Data groups the rows by (dataset, case_id, prompt) and :func:`make_clips` cuts each group:
+The rows are grouped by (dataset, case_id, prompt) (:func:`clip_dataset`) and :func:`make_clips` cuts each group:
 the stored slices sorted, split where the slice index jumps (``prepare`` may sample slices
 out), each run cut into windows of ``length`` (the last one ending at the run's end). A window
 shorter than ``length`` (a short run, or a 2D image: a single-frame clip) is padded with copies
@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, train_transform
+
+if TYPE_CHECKING:
+    import ray
 
 CLIP_KEYS = ("dataset", "case_id", "prompt")
 
@@ -52,6 +55,26 @@ def make_clips(group: Mapping[str, np.ndarray], length: int) -> dict[str, np.nda
                       **{key: group[key][window[0]] for key in CLIP_KEYS}})
     return {key: np.array([c[key] for c in clips], dtype=object if key in ("image", "mask", *CLIP_KEYS)
                           else np.int64) for key in clips[0]} if clips else {}
+
+
+def clip_dataset(rows: ray.data.Dataset, length: int, in_driver: bool) -> ray.data.Dataset:
+    """One row per clip of ``rows`` (shard rows). Shards small enough to be held in memory
+    (``in_driver``) are grouped here, in (dataset, case, prompt) order: Ray Data's ``groupby``
+    starts a hash shuffle that costs seconds to tens of seconds on a small cluster whatever the
+    data. Larger shards go through that ``groupby``, one partition per CPU."""
+    import ray
+
+    from medsam3.ray_local import group_partitions
+
+    if not in_driver:
+        return rows.groupby(list(CLIP_KEYS), num_partitions=group_partitions()).map_groups(
+            make_clips, fn_kwargs={"length": length}, batch_format="numpy")
+    frame = rows.select_columns([*CLIP_KEYS, "slice_index", "image", "mask"]).to_pandas()
+    clips = []
+    for _, part in frame.groupby(list(CLIP_KEYS), sort=True):
+        cut = make_clips({key: part[key].to_numpy() for key in part.columns}, length)
+        clips += [{key: values[i] for key, values in cut.items()} for i in range(len(cut.get("frames", [])))]
+    return ray.data.from_items(clips)
 
 
 def count_clips(slices: Mapping[tuple[str, str, str], list[int]], length: int) -> int:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsam3.io import storage
 from medsam3.plans import Plans
-from medsam3.ray_local import group_partitions, init_ray
+from medsam3.ray_local import init_ray
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.recipe import quiet_report_log, train_loop_per_worker
 from pipelines.run_folder import SPLIT_FILE, RunFolder
@@ -36,7 +36,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.clip_data import CLIP_KEYS, make_clips
+    from pipelines.clip_data import clip_dataset
     from pipelines.train_data import eval_transform, swap_sides
 
     settings = TrainSettings.from_config(cfg)  # bad settings stop here, before any worker starts
@@ -73,15 +73,15 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     rows = ray.data.read_parquet(paths, filesystem=filesystem)
     # augmentation runs in the workers (pipelines/train_data.py says why)
     datasets = {"train": rows.filter(lambda r: (r["dataset"], r["case_id"]) not in held_out)}
-    if settings.mode == "clips":  # one row per clip of consecutive slices (pipelines/clip_data.py)
-        datasets["train"] = datasets["train"].groupby(list(CLIP_KEYS), num_partitions=group_partitions()).map_groups(
-            make_clips, fn_kwargs={"length": settings.clip_length}, batch_format="numpy")
+    # RGB image + mask per row (a clip holds clip_length of them, padding included)
+    decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20 * (settings.clip_length if clips else 1)
+    small = decoded_mb <= settings.cache_max_mb
+    if clips:  # one row per clip of consecutive slices (pipelines/clip_data.py)
+        datasets["train"] = clip_dataset(datasets["train"], settings.clip_length, in_driver=small)
     if settings.val_every:
         val = rows.filter(lambda r: (r["dataset"], r["case_id"]) in held_out)
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
-    # RGB image + mask per row (a clip holds clip_length of them, padding included)
-    decoded_mb = manifest["num_rows"] * 4 * plans.image_size**2 / 2**20 * (settings.clip_length if clips else 1)
-    if decoded_mb <= settings.cache_max_mb:  # small shards: read once, not again every epoch
+    if small:  # small shards: read once, not again every epoch
         datasets = {name: data.materialize() for name, data in datasets.items()}
     OmegaConf.save(cfg, run.local / "train_config.yaml")
     plans.save(run.local)

@@ -92,6 +92,25 @@ def test_a_short_run_or_a_2d_image_is_a_padded_clip_whose_padding_the_loss_ignor
     assert list(single["frames"]) == [1] and len(single["image"][0]) == 4 * side * side * 3
 
 
+@pytest.mark.slow
+def test_clips_cut_in_the_driver_equal_ray_datas_groupby(ray_local, lesion_shards):
+    import ray
+
+    from medsam3.schema import arrow_source, shard_files
+    from pipelines.clip_data import clip_dataset
+
+    paths, filesystem = arrow_source(shard_files(lesion_shards / "shards"))
+    rows = ray.data.read_parquet(paths, filesystem=filesystem)
+
+    def clips(in_driver: bool) -> list[tuple]:
+        return [(r["dataset"], r["case_id"], r["prompt"], int(r["slice_index"]), int(r["frames"]), bytes(r["image"]),
+                 bytes(r["mask"])) for r in clip_dataset(rows, 4, in_driver=in_driver).take_all()]
+
+    driver = clips(True)
+    assert [clip[3] for clip in driver] == [3, 6]  # the lesion's two clips, in slice order
+    assert driver == sorted(clips(False))
+
+
 def test_clip_mode_needs_a_preset_with_a_tracker():
     from pipelines.settings import TrainError, TrainSettings
 
