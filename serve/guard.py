@@ -4,8 +4,10 @@ API keys are bearer tokens (``Authorization: Bearer KEY``) read from a file (one
 ``sha256:HEX`` holds a key's digest instead of the key) or from an environment variable
 (keys separated by commas or whitespace), both named in the app's ``settings.auth``. Only their
 SHA-256 digests are kept; a presented key is hashed and compared with every digest in constant
-time. ``/v1/*`` and the MONAI Label routes need a key; ``/healthz``, ``/readyz``, the page and the API docs stay open. A
-request without a valid key is answered 401 before its body is read; keys never reach a log.
+time. ``/v1/*`` and the MONAI Label routes need a key, wherever the app is mounted; ``/healthz``,
+``/readyz`` (without the model ids), the page and the API docs stay open. A request without a
+valid key, or with two ``Authorization`` headers, is answered before its body is read; keys never
+reach a log.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from serve.limits import BodyLimit, Receive, Scope, Send, send_json, upload_bytes
+from serve.limits import IDLE_S, BodyLimit, Receive, Scope, Send, send_json, upload_bytes
 
 # /v1 and the MONAI Label routes (serve/monailabel.py; /auth/ and /auth/token stay open for its login)
 PROTECTED = ("/v1/", "/info", "/infer", "/datastore", "/session", "/auth/token/valid")
@@ -83,21 +85,33 @@ class IngressGuard:
 
     keys: ApiKeys | None = None
     max_bytes: int = upload_bytes({})
+    idle_s: float = IDLE_S
 
     def __init__(self, app):
         self.keys_in_force = type(self).keys
-        self.limited = BodyLimit(app, type(self).max_bytes)
+        self.limited = BodyLimit(app, type(self).max_bytes, where="ingress", idle_s=type(self).idle_s)
 
     @classmethod
     def configure(cls, settings: dict[str, Any]) -> None:
         cls.keys = ApiKeys.from_settings(settings.get("auth"))
         cls.max_bytes = upload_bytes(settings)
+        cls.idle_s = float(settings.get("body_idle_s", IDLE_S))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and self.keys_in_force is not None
-                and scope.get("path", "").startswith(PROTECTED)):
-            headers = dict(scope.get("headers") or [])
-            if not self.keys_in_force.allows(headers.get(b"authorization", b"").decode("latin-1")):
+        if scope["type"] == "http" and self.keys_in_force is not None and route_path(scope).startswith(PROTECTED):
+            presented = [value for name, value in scope.get("headers") or [] if name.lower() == b"authorization"]
+            if len(presented) > 1:  # readers disagree on which one counts (the last here, the first in FastAPI)
+                return await send_json(send, 400, {"detail": "more than one Authorization header"})
+            if not self.keys_in_force.allows(presented[0].decode("latin-1") if presented else None):
                 return await send_json(send, 401, {"detail": "a valid API key is needed: Authorization: Bearer KEY"},
                                        [(b"www-authenticate", b'Bearer realm="medsam3"')])
         return await self.limited(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: Serve mounts an app under its ``route_prefix`` by passing the
+    full path with ``root_path`` set to the prefix. Starlette's own function, so the guard and
+    the router cannot disagree on which route a request reaches."""
+    from starlette._utils import get_route_path
+
+    return get_route_path(scope)

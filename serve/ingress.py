@@ -8,11 +8,14 @@ segmented by the ``SegmentModel`` replicas (``serve/model.py``), the code path o
 ``medsam3 predict`` and ``evaluate``.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import Depends
@@ -21,13 +24,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.guard import IngressGuard
-from serve.limits import Budget
+from serve.limits import Budget, BudgetTimeout
 from serve.model import inference_cfg, served_models
 from serve.uploads import UploadError, ZipLimits, unreadable
 
+if TYPE_CHECKING:
+    from medsam3.io.declared import Declared
+
 logger = logging.getLogger("ray.serve")
 # Peak bytes a volume request holds per voxel, besides one byte per prompt: benchmarks/serve_memory.py
-# measured 4.0-4.2 (int16 CT) and 8.0 (float32) with one prompt, +0.6-0.9 per further prompt.
+# measures about twice the decoded array (int16 CT: 4, float32: 8) with one prompt, under one more per
+# further prompt; a request holds twice its decoded bytes, at least this many per voxel.
 BYTES_PER_VOXEL = 8
 
 
@@ -76,7 +83,8 @@ class Ingress:
         viewer = settings.get("monailabel") or {}
         self.store = ImageStore(viewer.get("store_dir") or Path(tempfile.gettempdir()) / "medsam3-monailabel",
                                 max_bytes=int(float(viewer.get("max_store_mb", 4096)) * 2**20),
-                                ttl_s=float(viewer.get("ttl_s", 3600)))
+                                ttl_s=float(viewer.get("ttl_s", 3600)),
+                                key_bytes=int(float(viewer.get("max_store_mb_per_key", 1024)) * 2**20))
         IngressGuard.configure(settings)
         if IngressGuard.keys is None:
             logger.warning("MedSAM3 endpoint: authentication is OFF, anyone who can reach it may send scans to "
@@ -89,6 +97,7 @@ class Ingress:
                                     max_ratio=float(settings.get("max_zip_ratio", 100)))
         # the decoded scans and masks of all requests in flight; a request waits until its share fits
         self.decoded = Budget(int(float(settings.get("max_decoded_mb", 6144)) * 2**20))
+        self.decoded_wait_s = float(settings.get("decoded_wait_s", 60))
 
     def check_mode(self, mode: str, model_id: str, checked=None) -> None:
         from medsam3.inference import MODES
@@ -111,13 +120,14 @@ class Ingress:
         decoded scan, ``ask(scan)`` → (checked prompts, box texts, context), the model's masks, and
         ``answer(scan, results, context)`` → the response (in a thread)."""
         from medsam3.io.case import CaseError
-        from medsam3.io.scan import declared_shape, read_scan
+        from medsam3.io.declared import declared
+        from medsam3.io.scan import read_scan
 
         try:
-            voxels = self.check_size(await asyncio.to_thread(declared_shape, path))
-            async with self.decoded.hold(voxels * (BYTES_PER_VOXEL + prompts)):
+            held = self.check_size(await asyncio.to_thread(declared, path, self.cfg.channel), prompts)
+            async with self.decoded_share(held):
                 scan = await asyncio.to_thread(read_scan, path, self.cfg.modality, self.cfg.channel, False)
-                self.check_size(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
+                self.check_shape(scan.case.image.shape if scan.is_3d else scan.case.image.shape[:2])
                 checked, boxes, context = ask(scan)
                 if mode == "propagate" and scan.is_3d:
                     results = await self._propagate(scan.case, checked, boxes, model_id)
@@ -127,13 +137,37 @@ class Ingress:
         except CaseError as exc:
             raise unreadable(name, path, exc) from exc
 
-    def check_size(self, shape: tuple[int, ...]) -> int:
-        """The voxels of a spatial shape, or 413 when it passes ``max_side`` / ``max_voxels``."""
+    @asynccontextmanager
+    async def decoded_share(self, held: int):
+        """Hold ``held`` bytes of the decoded-memory budget while a request decodes and runs;
+        503 with Retry-After when other requests keep it full past ``decoded_wait_s``."""
+        try:
+            async with self.decoded.hold(held, self.decoded_wait_s):
+                yield
+        except BudgetTimeout as exc:
+            retry = str(max(1, round(self.decoded_wait_s)))
+            raise UploadError(503, f"the server is decoding as many scans as it can hold; retry in {retry} s",
+                              {"Retry-After": retry}) from exc
+
+    def check_size(self, size: Declared, prompts: int = 1) -> int:
+        """The bytes a request for a scan of this declared size holds while it runs, or 413 when
+        its shape passes ``max_side`` / ``max_voxels`` or the bytes pass the whole decoded-memory
+        budget (``max_decoded_mb``)."""
+        self.check_shape(size.shape)
+        # the decoded arrays and their working copies, at least the per-voxel cost measured for CT
+        held = max(2 * size.decoded_bytes, size.voxels * BYTES_PER_VOXEL) + size.voxels * prompts
+        if held > self.decoded.total:
+            raise UploadError(413, f"image of shape {list(size.shape)} decodes to {size.decoded_bytes / 2**20:.0f} MB "
+                                   f"and needs {held / 2**20:.0f} MB with its {prompts} prompt(s), over the "
+                                   f"decoded-memory budget of {self.decoded.total / 2**20:.0f} MB (max_decoded_mb)")
+        return held
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """413 when a spatial shape passes ``max_side`` / ``max_voxels``."""
         voxels = int(np.prod(shape, dtype=np.float64))
         if max(shape, default=0) > self.max_side or voxels > self.max_voxels:
             raise UploadError(413, f"image of shape {list(shape)} exceeds the limits "
                                    f"(side ≤ {self.max_side}, voxels ≤ {self.max_voxels})")
-        return voxels
 
     async def _propagate(self, case, checked, boxes, model_id):
         depth = self.preps[model_id].num_slices(case)

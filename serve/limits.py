@@ -10,7 +10,11 @@
 - on the ingress's FastAPI app, with the app's own ``max_upload_mb``.
 
 A body over the limit is answered 413 as soon as it is known: at once from Content-Length, or
-when the counted bytes of a chunked body pass it; what follows is never read.
+when the counted bytes of a chunked body pass it; what follows is never read. A request holds
+its declared length of the budget (a chunked one: the whole limit; one with neither header has
+no body, RFC 9112 §6.3, whatever its method), waits for room at most ``wait_s`` (then 503 with
+Retry-After), and a body that stops arriving for ``idle_s`` is answered 408. Every answer of the
+limiter names where it acted (``X-MedSAM3-Limit: proxy`` or ``ingress``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,20 @@ Send = Callable[[Message], Awaitable[None]]
 PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 MAX_UPLOAD_ENV = "MEDSAM3_MAX_UPLOAD_MB"
 BUFFER_ENV = "MEDSAM3_PROXY_BUFFER_MB"
+WAIT_ENV = "MEDSAM3_BODY_WAIT_S"
+IDLE_ENV = "MEDSAM3_BODY_IDLE_S"
 MULTIPART_SLACK = 2**16  # form fields and part headers around the file
+WAIT_S, IDLE_S = 30.0, 60.0  # defaults of the settings body_wait_s and body_idle_s
+WHERE = b"x-medsam3-limit"
+
+
+class BudgetTimeout(Exception):
+    """No room in the budget within the deadline."""
 
 
 class Budget:
-    """A pool of units (bytes, voxels) that requests in flight hold; a request waits for room."""
+    """A pool of units (bytes, voxels) that requests in flight hold; a request waits for room, at
+    most ``timeout`` seconds when given."""
 
     def __init__(self, total: int):
         self.total = int(total)
@@ -43,12 +56,15 @@ class Budget:
         self._changed: asyncio.Condition | None = None  # made in the serving event loop
 
     @asynccontextmanager
-    async def hold(self, amount: int):
+    async def hold(self, amount: int, timeout: float | None = None):
         amount = min(int(amount), self.total)  # a single request may take the whole pool
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
-            await self._changed.wait_for(lambda: self.free >= amount)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= amount), timeout)
+            except TimeoutError as exc:
+                raise BudgetTimeout(f"no room for {amount} of {self.total} within {timeout} s") from exc
             self.free -= amount
         try:
             yield
@@ -76,57 +92,76 @@ async def send_json(send: Send, status: int, body: dict, headers: list[tuple[byt
 class BodyLimit:
     """ASGI middleware: at most ``max_bytes`` of body per request; with ``budget_bytes``, at most
     that many bytes reserved by all requests with a body at once (Content-Length, or ``max_bytes``
-    when the body is chunked)."""
+    when the body is chunked). ``where`` names the place in the answers it sends."""
 
-    def __init__(self, app: Callable, max_bytes: int, budget_bytes: int | None = None):
+    def __init__(self, app: Callable, max_bytes: int, budget_bytes: int | None = None, where: str = "ingress",
+                 wait_s: float = WAIT_S, idle_s: float = IDLE_S):
         self.app = app
         self.max_bytes = int(max_bytes)
         self.budget = Budget(max(int(budget_bytes), self.max_bytes)) if budget_bytes else None
+        self.where = [(WHERE, where.encode())]
+        self.wait_s, self.idle_s = float(wait_s), float(idle_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        declared = None
         if b"content-length" in headers:
             try:
-                declared = int(headers[b"content-length"])
+                reserve = int(headers[b"content-length"])
             except ValueError:
-                return await send_json(send, 400, {"detail": "Content-Length is not a number"})
-            if declared > self.max_bytes:
-                return await send_json(send, 413, too_large(self.max_bytes, declared))
-        if self.budget is None:
+                return await send_json(send, 400, {"detail": "Content-Length is not a number"}, self.where)
+            if reserve > self.max_bytes:
+                return await send_json(send, 413, too_large(self.max_bytes, reserve), self.where)
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            reserve = self.max_bytes
+        else:
+            reserve = 0  # neither header: no body (RFC 9112 §6.3), whatever the method
+        if self.budget is None or reserve == 0:
             return await self._limited(scope, receive, send)
-        async with self.budget.hold(self.max_bytes if declared is None else declared):
-            return await self._limited(scope, receive, send)
+        try:
+            async with self.budget.hold(reserve, self.wait_s):
+                return await self._limited(scope, receive, send)
+        except BudgetTimeout:
+            retry = str(max(1, round(self.wait_s)))
+            return await send_json(send, 503, {"detail": "the server is receiving as many uploads as it can hold; "
+                                                         f"retry in {retry} s"},
+                                   [(b"retry-after", retry.encode()), *self.where])
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = {"read": 0, "over": False, "started": False}
+        state: dict[str, Any] = {"read": 0, "refused": None, "started": False, "complete": False}
 
         async def counted() -> Message:
-            if state["over"]:
+            if state["refused"]:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if state["complete"]:  # after the body the app only listens for the client going away
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                state["refused"] = (408, {"detail": f"the body stopped arriving for {self.idle_s:.0f} s"})
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))
+                state["complete"] = not message.get("more_body", False)
                 if state["read"] > self.max_bytes:
-                    state["over"] = True  # the app sees the client go away; nothing more is read
+                    state["refused"] = (413, too_large(self.max_bytes))  # the app sees the client go away
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded(message: Message) -> None:
-            if state["over"] and not state["started"]:
-                return  # the app's answer to the cut body is replaced by the 413 below
+            if state["refused"] and not state["started"]:
+                return  # the app's answer to the cut body is replaced by the refusal below
             state["started"] = True
             await send(message)
 
         try:
             await self.app(scope, counted, guarded)
         except Exception:
-            if not state["over"]:
+            if not state["refused"]:
                 raise
-        if state["over"] and not state["started"]:
-            await send_json(send, 413, too_large(self.max_bytes))
+        if state["refused"] and not state["started"]:
+            await send_json(send, *state["refused"], self.where)
 
 
 def upload_bytes(settings: dict[str, Any]) -> int:
@@ -139,7 +174,9 @@ def proxy_environment(settings: dict[str, Any]) -> dict[str, str]:
     (it must be in place when Ray starts the proxies)."""
     return {PROXY_CALLBACK: "serve.limits:proxy_middlewares",
             MAX_UPLOAD_ENV: str(settings.get("max_upload_mb", 512)),
-            BUFFER_ENV: str(settings.get("proxy_buffer_mb", 2048))}
+            BUFFER_ENV: str(settings.get("proxy_buffer_mb", 2048)),
+            WAIT_ENV: str(settings.get("body_wait_s", WAIT_S)),
+            IDLE_ENV: str(settings.get("body_idle_s", IDLE_S))}
 
 
 def proxy_middlewares() -> list:
@@ -148,4 +185,5 @@ def proxy_middlewares() -> list:
 
     settings = {"max_upload_mb": os.environ.get(MAX_UPLOAD_ENV, "512")}
     buffer = int(float(os.environ.get(BUFFER_ENV, "2048")) * 2**20)
-    return [Middleware(BodyLimit, max_bytes=upload_bytes(settings), budget_bytes=buffer)]
+    return [Middleware(BodyLimit, max_bytes=upload_bytes(settings), budget_bytes=buffer, where="proxy",
+                       wait_s=float(os.environ.get(WAIT_ENV, WAIT_S)), idle_s=float(os.environ.get(IDLE_ENV, IDLE_S)))]

@@ -356,14 +356,17 @@ class ImageStore:
     """Uploaded images kept between requests, on disk: ``root/NAMESPACE/KIND/DIGEST/`` holding
     ``meta.json`` and the checked upload (a file, or a DICOM series folder). Ids never become
     paths (the folder is a digest of the id); entries are moved in atomically; entries unused
-    for ``ttl_s`` go, and the least recently used go while the store is over ``max_bytes``.
+    for ``ttl_s`` go. Each namespace (an API key) holds at most ``key_bytes`` and makes room by
+    dropping its own least recently used images, never another key's; when the whole store
+    (``max_bytes``) is full of other keys' images, an upload is refused (507).
     With several ingress replicas, ``root`` must be a filesystem they share."""
 
     KINDS = ("datastore", "session")
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, ttl_s: float):
+    def __init__(self, root: str | os.PathLike, max_bytes: int, ttl_s: float, key_bytes: int | None = None):
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
+        self.key_bytes = min(int(key_bytes or max_bytes), self.max_bytes)
         self.ttl_s = float(ttl_s)
         self.incoming = self.root / ".incoming"  # uploads being checked (same filesystem: moved in)
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -376,8 +379,11 @@ class ImageStore:
         """Move a checked upload (file or folder) in as ``image_id``, replacing an older one."""
         size = sum(f.stat().st_size for f in upload.rglob("*") if f.is_file()) if upload.is_dir() else \
             upload.stat().st_size
-        if size > self.max_bytes:
-            raise ProtocolError(413, f"the image ({size} bytes) is larger than the store ({self.max_bytes} bytes)")
+        if size > self.key_bytes:
+            raise ProtocolError(413, f"the image ({size} bytes) is larger than a key's share of the store "
+                                     f"({self.key_bytes} bytes)")
+        target = self._folder(space, kind, image_id)
+        self.make_room(space, size, replacing=target)
         now = time.time()
         meta = {**meta, "id": image_id, "name": upload.name, "bytes": size, "created": now, "last_access": now,
                 "ttl_s": float(ttl_s or self.ttl_s)}
@@ -385,7 +391,6 @@ class ImageStore:
         staging.mkdir(parents=True)
         shutil.move(os.fspath(upload), staging / upload.name)
         _write_meta(staging, meta)
-        target = self._folder(space, kind, image_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if target.exists():
@@ -394,7 +399,6 @@ class ImageStore:
         staging.rename(target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self.evict(keep=target)
         return meta
 
     def get(self, space: str, kind: str, image_id: str) -> tuple[Path, dict[str, Any]] | None:
@@ -419,28 +423,32 @@ class ImageStore:
         found = [self._meta(folder) for folder in _listdir(self.root / space / kind)]
         return sorted((m for m in found if m is not None and not self._expired(m, now)), key=lambda m: m["id"])
 
-    def evict(self, keep: Path | None = None) -> None:
-        """Drop expired entries, then the least recently used until the store fits."""
+    def make_room(self, space: str, size: int, replacing: Path | None = None) -> None:
+        """Drop expired entries, then ``space``'s own least recently used until ``size`` more
+        bytes fit in its share and in the store; 507 when other keys' images fill the store."""
         now = time.time()
-        live = []
+        live = []  # (last access, bytes, namespace, folder)
         # other requests add and remove entries meanwhile: every listing tolerates vanished folders
-        folders = [folder for space in _listdir(self.root) if not space.name.startswith(".")
-                   for kind in self.KINDS for folder in _listdir(space / kind)]
-        for folder in folders:
-            meta = self._meta(folder)
-            if meta is None:
-                continue
-            if self._expired(meta, now) and folder != keep:
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                live.append((meta["last_access"], meta["bytes"], folder))
-        total = sum(size for _, size, _ in live)
-        for _, size, folder in sorted(live, key=lambda entry: entry[0]):
-            if total <= self.max_bytes:
+        for owner in (entry for entry in _listdir(self.root) if not entry.name.startswith(".")):
+            for folder in (f for kind in self.KINDS for f in _listdir(owner / kind) if f != replacing):
+                meta = self._meta(folder)
+                if meta is None:
+                    continue
+                if self._expired(meta, now):
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    live.append((float(meta["last_access"]), int(meta["bytes"]), owner.name, folder))
+        total = sum(entry[1] for entry in live)
+        own = sorted(entry for entry in live if entry[2] == space)
+        held = sum(entry[1] for entry in own)
+        for _, bytes_, _, folder in own:
+            if held + size <= self.key_bytes and total + size <= self.max_bytes:
                 break
-            if folder != keep:
-                shutil.rmtree(folder, ignore_errors=True)
-                total -= size
+            shutil.rmtree(folder, ignore_errors=True)
+            held, total = held - bytes_, total - bytes_
+        if total + size > self.max_bytes:
+            raise ProtocolError(507, f"the image store is full with other keys' images ({total} of {self.max_bytes} "
+                                     f"bytes); they go after {self.ttl_s:.0f} s unused")
 
     @staticmethod
     def _meta(folder: Path) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from medsam3.adapters import AdapterError
 from serve.guard import IngressGuard
 from serve.ingress import Ingress, Replica
-from serve.uploads import UploadError, store_upload, unreadable
+from serve.uploads import UploadError, error_response, store_upload, unreadable
 
 router = APIRouter(tags=["MONAI Label"])
 
@@ -62,7 +62,7 @@ async def ml_infer(
                     ingress, scan, results, placement, asked, model, model_id, interactive, output, extension,
                     Path(private)))
     except (ProtocolError, UploadError) as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return error_response(exc)
     except AdapterError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
@@ -141,7 +141,7 @@ async def _checked_upload(ingress: Ingress, files: list[UploadFile], private: Pa
     """One file (a zip: a DICOM series), or several (the files of a DICOM series), stored and
     their declared shape checked against the limits before anything is kept."""
     from medsam3.io.case import CaseError
-    from medsam3.io.scan import declared_shape
+    from medsam3.io.declared import declared
     from serve.monailabel import copy_to
 
     if len(files) == 1:
@@ -152,7 +152,7 @@ async def _checked_upload(ingress: Ingress, files: list[UploadFile], private: Pa
         for n, upload in enumerate(files):  # names are ours: nothing the client sends becomes a path
             await asyncio.to_thread(copy_to, upload.file, path / f"{n:05d}.dcm")
     try:
-        ingress.check_size(await asyncio.to_thread(declared_shape, path))
+        ingress.check_size(await asyncio.to_thread(declared, path, ingress.cfg.channel))
     except CaseError as exc:
         raise unreadable(files[0].filename if len(files) == 1 else f"{len(files)} files", path, exc) from exc
     return path
@@ -178,7 +178,7 @@ async def ml_put_image(
             await asyncio.to_thread(ingress.store.put, _space(authorization), "datastore", image_id, path,
                                     {"params": json_object(params)})
     except (ProtocolError, UploadError) as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return error_response(exc)
     return JSONResponse({"image": image_id})
 
 
@@ -231,7 +231,7 @@ async def ml_create_session(
             meta = await asyncio.to_thread(ingress.store.put, _space(authorization), "session", session_id,
                                            path, {}, ttl)
     except (ProtocolError, UploadError) as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return error_response(exc)
     return JSONResponse({"session_id": session_id, "session_info": session_info(meta)})
 
 

@@ -56,11 +56,13 @@ def app_args(config: dict[str, Any], checkpoints: dict[str, str], adapters: dict
 
 def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
           config_file: str | os.PathLike | None = None, overrides: dict[str, dict] | None = None,
-          settings: dict[str, Any] | None = None, adapters: dict[str, str] | None = None) -> str:
-    """Deploy the app and return its URL (Ray and Serve keep running in the background).
-    ``adapters`` ({id: LoRA adapter dir}) ride on the first checkpoint.
+          settings: dict[str, Any] | None = None, adapters: dict[str, str] | None = None,
+          route_prefix: str | None = None) -> str:
+    """Deploy the app and return its URL, route prefix included (Ray and Serve keep running in
+    the background). ``adapters`` ({id: LoRA adapter dir}) ride on the first checkpoint.
 
-    ``overrides`` update deployments' options and ``settings`` the app's settings (tests use them)."""
+    ``overrides`` update deployments' options, ``settings`` the app's settings and
+    ``route_prefix`` the config's (tests use them)."""
     import ray
     from ray import serve
 
@@ -96,5 +98,6 @@ def start(checkpoints: dict[str, str], port: int = 8000, host: str = "127.0.0.1"
     except CheckpointError as exc:
         raise ServeError(f"checkpoint: {exc}") from exc
     (application,) = config["applications"]
-    serve.run(app, name=application["name"], route_prefix=application.get("route_prefix", "/"))
-    return f"http://{host}:{port}"
+    prefix = route_prefix or application.get("route_prefix", "/")
+    serve.run(app, name=application["name"], route_prefix=prefix)
+    return f"http://{host}:{port}{prefix.rstrip('/')}"

@@ -16,15 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from fastapi.responses import JSONResponse
+
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".npz", ".png", ".jpg", ".jpeg", ".zip")
 
 
 class UploadError(ValueError):
     """An upload that cannot be accepted; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The JSON answer to a refused request (an ``UploadError`` or a MONAI Label ``ProtocolError``)."""
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=getattr(exc, "headers", None))
 
 
 def unreadable(name: str | None, path: Path, exc: Exception) -> UploadError:

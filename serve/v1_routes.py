@@ -17,8 +17,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from medsam3.adapters import AdapterError
 from serve.encode import planes_shape, preview_planes, rle_planes
+from serve.guard import IngressGuard
 from serve.ingress import Ingress, Replica
-from serve.uploads import UploadError, store_upload
+from serve.uploads import UploadError, error_response, store_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
 FORMATS = {"json": "application/json", "nifti": "application/gzip", "dicom-seg": "application/dicom",
@@ -45,7 +46,9 @@ async def readyz(ingress: Replica) -> JSONResponse:
         await asyncio.wait_for(ingress.model.check_health.remote(), timeout=10)
     except Exception as exc:
         return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
-    return JSONResponse({"status": "ready", "models": list(ingress.served)})
+    # the model ids are what /v1/models keeps behind the key
+    listed = {} if IngressGuard.keys is not None else {"models": list(ingress.served)}
+    return JSONResponse({"status": "ready", **listed})
 
 
 @router.get("/v1/models")
@@ -83,7 +86,7 @@ async def segment(
         return await _segment(ingress, request, file, prompt, box or [], format, model or multiplexed, preview,
                               mode)
     except UploadError as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return error_response(exc)
     except AdapterError as exc:  # raised in a model replica: the adapter, not the request, is at fault
         return JSONResponse({"detail": str(exc)}, status_code=503)
 

@@ -213,6 +213,53 @@ def nifti_claiming(path: Path, shape: tuple[int, ...]) -> Path:
     return path
 
 
+def nifti_4d_zeros(path: Path, shape: tuple[int, int, int, int]) -> Path:
+    """A real gzipped 4D int16 NIfTI of zeros, its data written in chunks (small on disk)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header.set_data_offset(352)
+    buffer = io.BytesIO()
+    header.write_to(buffer)
+    chunk = b"\0" * (int(np.prod(shape[:3])) * 2)
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(buffer.getvalue().ljust(352, b"\0"))
+        for _ in range(shape[3]):
+            out.write(chunk)
+    return path
+
+
+def npz_of(path: Path, imgs: np.ndarray) -> Path:
+    """An NPZ whose ``imgs`` is the given array (any dtype, objects pickled)."""
+    np.savez(path, imgs=imgs)
+    return path
+
+
+def dicom_claiming(folder: Path, rows: int, columns: int, frames: int, samples: int = 1, bits: int = 16) -> Path:
+    """A series folder of one DICOM file whose header declares ``frames`` frames of ``rows`` ×
+    ``columns`` × ``samples`` values of ``bits`` bits, followed by at most 1 MiB of pixel data."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, 0.0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = "RGB" if samples == 3 else "MONOCHROME2"
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = b"\0" * min(rows * columns * samples * bits // 8, 2**20)
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "0001.dcm", enforce_file_format=True)
+    return folder
+
+
 def zip_bomb(path: Path, gib: float = 1.0) -> Path:
     """A small zip whose one member expands to ``gib`` GiB of zeros (written in chunks)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("slice.dcm", "w",
@@ -269,15 +316,15 @@ def lora_adapter(checkpoint: Path, folder: Path, seed: int, scale: float = 0.1) 
 
 
 def chromium() -> str:
-    """Debian's Chromium for the page tests (Playwright drives it): skipped where it is missing,
-    a failure in CI, which installs it."""
+    """Debian's Chromium for the page tests (Playwright drives it): a failure under ``make test``
+    (which installs it, MEDSAM3_REQUIRE_BROWSER=1), skipped in a bare pytest run without it."""
     import shutil
 
     import pytest
 
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
-        pytest.skip("no chromium here")
+        if os.environ.get("MEDSAM3_REQUIRE_BROWSER") or os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed: `make browser` installs it")
+        pytest.skip("no chromium here (`make browser` installs it)")
     return found

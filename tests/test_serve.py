@@ -48,9 +48,11 @@ from tests.builders import (
     SERVE_LIMITS,
     big_png,
     chromium,
+    dicom_claiming,
     load_recist,
     lora_adapter,
     nifti_claiming,
+    npz_of,
     uint8_to_hu,
     write_ct_series,
     zip_bomb,
@@ -60,6 +62,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 PNG = SAMMED2D / "images" / "amos_0004_75.png"
 THRESHOLD = 0.2535  # random tiny SAM3: partial masks (see test_predict)
+SAME = 1e-3  # pixels that may differ between batched and single float32 passes (tests/test_batching.py)
 KEY = "test-key-0f8e1c2d"  # the API key of the test endpoint (from a key file)
 WRONG_KEY = "wrong-key-77aa31"
 SETTINGS = {**SERVE_LIMITS, "inference": {"threshold": THRESHOLD}}
@@ -111,7 +114,8 @@ def url(checkpoints, adapters, gone, clip_trained, s3_endpoint, tmp_path_factory
     one_replica = {"autoscaling_config": None, "num_replicas": 1}
     keys = tmp_path_factory.mktemp("auth") / "api-keys"
     keys.write_text(f"# test keys\n{KEY}\n")
-    address = start(served, port=free_port(), overrides={"SegmentModel": one_replica},
+    # mounted under a route prefix, as behind a shared gateway: every route (and its key check) lives under it
+    address = start(served, port=free_port(), overrides={"SegmentModel": one_replica}, route_prefix="/medsam3",
                     settings={**SETTINGS, "storage": {"endpoint_url": s3_endpoint},
                               "auth": {"api_keys_file": str(keys)}},
                     adapters={**{name: str(path) for name, path in adapters.items()}, "gone": str(gone)})
@@ -140,7 +144,9 @@ def predict_cfg():
 
 def test_health_models_and_docs(url):
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
-    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
+    assert url.endswith("/medsam3")
+    ready = requests.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}  # model ids stay behind the key
     models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
     assert models["default"] == "a"
     assert [m["id"] for m in models["models"]] == ["a", "b", "v", "liver-siteA", "lung-siteB", "gone"]
@@ -238,7 +244,7 @@ def test_lora_adapters_behind_one_endpoint_answer_as_their_own_predict(url, chec
         assert answer.status_code == 200 and answer.json()["model"] == model, answer.text
         mask = decode(answer.json()["masks"][0]["rle"][0])
         # batched and single float32 forward passes agree to rounding (tests/test_batching.py)
-        assert np.mean(mask != expected[model, i]) <= 1e-3, f"{model} on image {i} answered like another model"
+        assert np.mean(mask != expected[model, i]) <= SAME, f"{model} on image {i} answered like another model"
     by_header = post(url, images[0], headers={"serve_multiplexed_model_id": "lung-siteB"}).json()
     assert by_header["model"] == "lung-siteB"
     assert np.array_equal(decode(by_header["masks"][0]["rle"][0]), expected["lung-siteB", 0])
@@ -390,7 +396,8 @@ def test_concurrent_requests_with_different_images_get_their_own_answers(url):
     Image.fromarray(np.zeros((512, 512), np.uint8)).save(blank, format="PNG")
     images = [p.read_bytes() for p in ct] + [blank.getvalue()]
     alone = [decode(post(url, data=image, name="alone.png").json()["masks"][0]["rle"][0]) for image in images]
-    assert not np.array_equal(alone[0], alone[1]) and alone[0].any() and alone[1].any()
+    # every two answers differ by far more than the tolerance below, so a swapped answer cannot pass
+    assert all(np.mean(alone[i] != alone[j]) > 10 * SAME for i, j in ((0, 1), (0, 2), (1, 2)))
     order = [i % 3 for i in range(36)]
     random.Random(7).shuffle(order)
     with ThreadPoolExecutor(max_workers=36) as pool:
@@ -398,8 +405,7 @@ def test_concurrent_requests_with_different_images_get_their_own_answers(url):
     assert [a.status_code for a in answers] == [200] * 36, answers[0].text
     for i, answer in zip(order, answers, strict=True):
         mask = decode(answer.json()["masks"][0]["rle"][0])
-        # batched and single float32 forward passes agree to rounding (tests/test_batching.py)
-        assert np.mean(mask != alone[i]) <= 1e-3, f"a request for image {i} got another image's mask"
+        assert np.mean(mask != alone[i]) <= SAME, f"a request for image {i} got another image's mask"
 
 
 def lesion_nifti(path: Path, name: str) -> Path:
@@ -472,15 +478,17 @@ class PeakMemory(threading.Thread):
         return self.peak - self.baseline
 
 
-def raw_post(url: str, parts: list[bytes], file_chunks, content_length: int | None = None) -> tuple[int, dict, int]:
+def raw_post(url: str, parts: list[bytes], file_chunks, content_length: int | None = None
+             ) -> tuple[int, dict, int, str]:
     """POST a multipart body over a plain socket, chunked unless ``content_length`` is given; stops
-    sending as soon as the server answers. Returns (status, JSON body, body bytes sent)."""
-    host, port = urlparse(url).hostname, urlparse(url).port
+    sending as soon as the server answers. Returns (status, JSON body, body bytes sent, where the
+    body limit acted: the answer's X-MedSAM3-Limit)."""
+    host, port, prefix = urlparse(url).hostname, urlparse(url).port, urlparse(url).path
     boundary = "medsam3boundary"
     head = b"".join(parts) + (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
                               'Content-Type: image/png\r\n\r\n').encode()
     framing = f"Content-Length: {content_length}" if content_length is not None else "Transfer-Encoding: chunked"
-    request = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+    request = (f"POST {prefix}/v1/segment HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
                f"Content-Type: multipart/form-data; boundary={boundary}\r\n{framing}\r\n\r\n").encode()
     sent = 0
     with socket.create_connection((host, port), timeout=30) as sock:
@@ -500,8 +508,10 @@ def raw_post(url: str, parts: list[bytes], file_chunks, content_length: int | No
             if not data:
                 break
             answer += data
-    status = int(answer.split(b" ", 2)[1])
-    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1]), sent
+    head, body = answer.split(b"\r\n\r\n", 1)
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    where = {k.lower(): v for k, v in headers.items()}.get(b"x-medsam3-limit", b"").decode()
+    return int(head.split(b" ", 2)[1]), json.loads(body), sent, where
 
 
 def prompt_part(boundary: str = "medsam3boundary") -> bytes:
@@ -512,25 +522,38 @@ def test_hostile_uploads_are_refused_before_memory_is_spent(url, tmp_path):
     bomb = zip_bomb(tmp_path / "bomb.zip", gib=1.0)  # 1 GiB of zeros in about 1 MB
     png = big_png(tmp_path / "huge.png", 30000, 30000)
     nifti = nifti_claiming(tmp_path / "huge.nii.gz", (2000, 2000, 2000))
+    # 256×256×64 int16 with 512 in a fourth axis: 4 GiB decoded from a few kB
+    nifti_4d = nifti_claiming(tmp_path / "huge4d.nii.gz", (256, 256, 64, 512))
+    void = npz_of(tmp_path / "CT_void.npz", np.zeros(256, dtype="V4096"))  # 1 MiB that claims to be 256 voxels
+    series = {name: zipped([(f.name, f.read_bytes()) for f in dicom_claiming(tmp_path / name, *shape).iterdir()])
+              for name, shape in (("rgb", (512, 512, 8, 3)), ("multiframe", (512, 512, 400, 1, 32)))}
     megabyte = b"\0" * 2**20
     monitor = PeakMemory()
     monitor.start()
     answers = {}
-    for name, path, status, message in [("zip bomb", bomb, 413, "zip expands beyond its limits"),
-                                        ("30000² PNG", png, 413, "[30000, 30000] exceeds the limits"),
-                                        ("2000³ NIfTI", nifti, 413, "[2000, 2000, 2000] exceeds the limits")]:
+    for name, file, content, status, message in [
+            ("zip bomb", "series.zip", bomb.read_bytes(), 413, "zip expands beyond its limits"),
+            ("30000² PNG", png.name, png.read_bytes(), 413, "[30000, 30000] exceeds the limits"),
+            ("2000³ NIfTI", nifti.name, nifti.read_bytes(), 413, "[2000, 2000, 2000] exceeds the limits"),
+            ("4D NIfTI", nifti_4d.name, nifti_4d.read_bytes(), 422,
+             "4D volume (256, 256, 64, 512) and no channel configured"),
+            ("void NPZ", void.name, void.read_bytes(), 422, "array 'imgs' has dtype |V4096; numbers are expected"),
+            ("RGB DICOM", "rgb.zip", series["rgb"], 422, "a colour DICOM series (3 samples per pixel)"),
+            ("multi-frame DICOM", "frames.zip", series["multiframe"], 413, "[512, 512, 400] exceeds the limits")]:
         started = time.perf_counter()
-        answer = post(url, data=path.read_bytes(), name=path.name.replace("bomb", "series"))
+        answer = post(url, data=content, name=file)
         answers[name] = (answer.status_code, time.perf_counter() - started)
         assert answer.status_code == status and message in answer.json()["detail"], (name, answer.text)
     # 600 MB without a Content-Length (chunked): cut at 4 MB, the rest is never sent
     started = time.perf_counter()
-    status, body, sent = raw_post(url, [prompt_part()], (megabyte for _ in range(600)))
+    status, body, sent, where = raw_post(url, [prompt_part()], (megabyte for _ in range(600)))
     answers["600 MB chunked"] = (status, time.perf_counter() - started)
-    assert status == 413 and "upload too large" in body["detail"] and sent < 64 * 2**20
+    # in Serve's HTTP proxy (serve/limits.py), before the body reaches the ingress
+    assert status == 413 and "upload too large" in body["detail"] and sent < 64 * 2**20 and where == "proxy"
     # a declared 600 MB body: refused from its Content-Length alone
-    status, body, sent = raw_post(url, [prompt_part()], (megabyte for _ in range(600)), content_length=600 * 2**20)
-    assert status == 413 and f"{600 * 2**20} bytes" in body["detail"] and sent < 64 * 2**20
+    status, body, sent, where = raw_post(url, [prompt_part()], (megabyte for _ in range(600)),
+                                         content_length=600 * 2**20)
+    assert status == 413 and f"{600 * 2**20} bytes" in body["detail"] and sent < 64 * 2**20 and where == "proxy"
     grown = monitor.stop()
     print(f"hostile uploads: {answers}; server memory grew by at most {grown / 2**20:.0f} MiB")
     assert all(seconds < 10 for _, seconds in answers.values()), answers
@@ -549,7 +572,12 @@ def test_v1_needs_an_api_key_that_never_reaches_a_log(url):
                                data={"prompt": "liver"}, headers=headers, timeout=30)
         assert answer.status_code == 401 and "API key" in answer.json()["detail"]
         assert answer.headers["www-authenticate"].startswith("Bearer")
-        assert requests.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 401
+        for path in ("/v1/models", "/info/", "/datastore/?output=all"):  # under the app's route prefix
+            assert requests.get(f"{url}{path}", headers=headers, timeout=10).status_code == 401, path
+    # two Authorization headers (a good one and a bad one, either order): refused, whichever a reader takes
+    for pair in ((KEY, WRONG_KEY), (WRONG_KEY, KEY)):
+        status, body = get_with_headers(url, "/v1/models", [("Authorization", f"Bearer {key}") for key in pair])
+        assert status == 400 and "more than one Authorization header" in body, body
     for path in ("/healthz", "/readyz", "/", "/openapi.json"):  # probes and the page stay open
         assert requests.get(f"{url}{path}", timeout=30).status_code == 200
     assert requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 200
@@ -558,6 +586,24 @@ def test_v1_needs_an_api_key_that_never_reaches_a_log(url):
     for log in (f for f in logs.rglob("*") if f.is_file()):
         text = log.read_bytes()
         assert KEY.encode() not in text and WRONG_KEY.encode() not in text, log
+
+
+def get_with_headers(url: str, path: str, headers: list[tuple[str, str]]) -> tuple[int, str]:
+    """A GET with the headers as given, repeated names included (requests folds them)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.putrequest("GET", parts.path + path)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        connection.close()
 
 
 # --- loopback ---------------------------------------------------------------------------------------

@@ -32,10 +32,12 @@ class SeriesGroup:
     files: list[str] = field(default_factory=list)
     segs: list[str] = field(default_factory=list)
     segment_labels: list[str] = field(default_factory=list)
-    # declared by the headers (largest Rows/Columns, frames of all files): a volume's size before decoding
+    # declared by the headers (largest of each, frames of all files): a volume's size before decoding
     rows: int = 0
     columns: int = 0
     frames: int = 0
+    samples: int = 1  # SamplesPerPixel
+    bits: int = 0  # BitsAllocated
 
 
 def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[tuple[str, str]]]:
@@ -65,6 +67,8 @@ def scan_series(root: str | os.PathLike) -> tuple[dict[str, SeriesGroup], list[t
         group.rows = max(group.rows, int(ds.get("Rows", 0) or 0))
         group.columns = max(group.columns, int(ds.get("Columns", 0) or 0))
         group.frames += int(ds.get("NumberOfFrames", 1) or 1)
+        group.samples = max(group.samples, int(ds.get("SamplesPerPixel", 1) or 1))
+        group.bits = max(group.bits, int(ds.get("BitsAllocated", 0) or 0))
     orphans = []
     for rel, uid, ref, labels in segs:
         if ref in groups:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from medsam3.io.case import CaseError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+CONVERTED_TO_RGB = ("RGBA", "P", "CMYK", "YCbCr", "LA", "PA")  # Pillow modes read as an RGB copy
 _INSTANCE = re.compile(r"^(?P<target>.+?)_(?P<instance>\d+)$")
 
 
@@ -27,7 +28,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(name) as img:
             img.load()
-            if img.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
+            if img.mode in CONVERTED_TO_RGB:
                 img = img.convert("RGB")
             array = np.asarray(img)
     except (OSError, UnidentifiedImageError, ValueError) as exc:

@@ -2,7 +2,7 @@
 
 An uploaded NRRD is untrusted, so before pynrrd decodes it: a detached header (``data file``,
 which would make the reader open a path the sender chose) is refused, the declared sizes are
-checked by the caller from the header alone (:func:`nrrd_shape`), and a compressed payload is
+checked by the caller from the header alone (:func:`nrrd_layout`), and a compressed payload is
 inflated once into a counter that stops at the declared size (pynrrd inflates without bound).
 Geometry: ``space directions`` / ``space origin`` in the file's ``space`` (LPS or RAS) become a
 RAS affine, the same convention as NIfTI.
@@ -45,9 +45,10 @@ def read_checked_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, offset
 
 
-def nrrd_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """The declared spatial shape (header only: nothing is decoded)."""
-    return _spatial_sizes(read_checked_header(path)[0], Path(path).name)
+def nrrd_layout(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """The declared spatial shape and stored type (header only: nothing is decoded)."""
+    header, _ = read_checked_header(path)
+    return _spatial_sizes(header, Path(path).name), np.dtype(TYPES[header["type"]])
 
 
 def _spatial_sizes(header: dict, name: str) -> tuple[int, ...]:

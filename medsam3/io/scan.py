@@ -9,7 +9,6 @@ source DICOM datasets (DICOM-SEG).
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from medsam3.io.dicom import read_series, scan_series
 from medsam3.io.image2d import read_image
 from medsam3.io.nifti import canonical, load_canonical
 from medsam3.io.npz import load_npz, npz_geometry, to_canonical
-from medsam3.io.nrrd_file import load_nrrd, nrrd_shape
+from medsam3.io.nrrd_file import load_nrrd
 from medsam3.transforms import normalize_modality
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -116,72 +115,6 @@ def _ct_or_unknown(image: np.ndarray, scale: tuple[float, float]) -> str:
     """A volume file carries no modality: values below -500 mark CT in Hounsfield units."""
     low = float(np.min(image[..., :: max(1, image.shape[2] // 16)])) * scale[0] + scale[1]
     return "CT" if low < -500 else "UNKNOWN"
-
-
-def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """The spatial shape a scan declares, read from headers only (no pixel is decoded): what a
-    server checks against its limits before spending memory. 2D: (rows, columns); 3D: the
-    stored axes (a DICOM series: rows, columns, files). :class:`CaseError` when unreadable."""
-    path = Path(path)
-    kind = scan_kind(path)
-    try:
-        if kind == "image":
-            return _image_header_shape(path)
-        if kind == "nifti":
-            shape = tuple(int(n) for n in nib.load(os.fspath(path)).header.get_data_shape())
-            return shape[:3] if len(shape) >= 3 else shape
-        if kind == "nrrd":
-            return nrrd_shape(path)
-        if kind == "npz":
-            return _npz_header_shape(path)
-    except CaseError:
-        raise
-    except Exception as exc:
-        raise CaseError(f"{path.name}: cannot read the {kind} header ({type(exc).__name__}: {exc})") from exc
-    groups, _ = scan_series(path)
-    if len(groups) != 1:
-        raise CaseError(f"{path.name}: expected one DICOM image series, found {len(groups)}")
-    group = next(iter(groups.values()))
-    return (group.rows, group.columns, group.frames)
-
-
-def _image_header_shape(path: Path) -> tuple[int, int]:
-    # the format plugins read the header only; Image.open would also run Pillow's own
-    # decompression-bomb check, which refuses huge images without saying their size
-    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
-
-    for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile, TiffImagePlugin.TiffImageFile,
-                   BmpImagePlugin.BmpImageFile):
-        try:
-            with plugin(os.fspath(path)) as image:
-                width, height = image.size
-                return (int(height), int(width))
-        except (SyntaxError, OSError, ValueError, TypeError, KeyError, IndexError):
-            continue
-    raise CaseError(f"{path.name}: not a PNG, JPEG, TIFF or BMP image")
-
-
-def _npz_header_shape(path: Path) -> tuple[int, ...]:
-    """``imgs``' spatial shape from the .npy headers inside the archive; any other array larger
-    than ``imgs`` (a mask must have its shape) is refused too."""
-    sizes = {}
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with archive.open(member) as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, _ = read_header(stream)
-            sizes[member.removesuffix(".npy")] = tuple(int(n) for n in shape)
-    if "imgs" not in sizes:
-        raise CaseError(f"{path.name}: NPZ lacks ['imgs'] (has {sorted(sizes)})")
-    imgs = sizes["imgs"]
-    for name, shape in sizes.items():
-        if int(np.prod(shape)) > int(np.prod(imgs)):
-            raise CaseError(f"{path.name}: array {name!r} of shape {list(shape)} is larger than imgs {list(imgs)}")
-    return imgs[:2] if len(imgs) == 2 or (len(imgs) == 3 and imgs[-1] == 3) else imgs
 
 
 def describe(scan: Scan) -> dict[str, Any]:
