@@ -222,7 +222,7 @@ def nifti_4d_zeros(path: Path, shape: tuple[int, int, int, int]) -> Path:
     buffer = io.BytesIO()
     header.write_to(buffer)
     chunk = b"\0" * (int(np.prod(shape[:3])) * 2)
-    with gzip.open(path, "wb", compresslevel=1) as out:
+    with gzip.open(path, "wb", compresslevel=9) as out:
         out.write(buffer.getvalue().ljust(352, b"\0"))
         for _ in range(shape[3]):
             out.write(chunk)

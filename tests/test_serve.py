@@ -51,6 +51,7 @@ from tests.builders import (
     dicom_claiming,
     load_recist,
     lora_adapter,
+    nifti_4d_zeros,
     nifti_claiming,
     npz_of,
     uint8_to_hu,
@@ -319,6 +320,9 @@ def test_a_burst_of_concurrent_requests_all_succeed(url):
     assert all(a.json()["masks"] == first for a in answers)  # batched together, answered the same
 
 
+MARKUP = '<img src="x" onerror="window.injected = 1">'
+
+
 def test_the_page_in_headless_chromium(url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -329,16 +333,18 @@ def test_the_page_in_headless_chromium(url, tmp_path):
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
         page.set_input_files("#file", str(PNG))
-        page.fill("#prompts", "liver")
+        page.fill("#prompts", f"liver, {MARKUP}")  # a prompt is text, never markup, in the tab that holds the key
         page.click("#go")
         page.wait_for_selector("#legend .entry", timeout=60_000)
         masked = int(page.get_attribute("#canvas", "data-masked"))
         legend = page.inner_text("#legend")
+        injected = page.evaluate("[window.injected, document.querySelectorAll('#legend img').length]")
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
     assert "liver" in legend and masked > 0
-    answer = post(url, PNG)
-    assert masked == decode(answer.json()["masks"][0]["rle"][0]).sum()
+    assert MARKUP in legend and injected == [None, 0]
+    answer = post(url, PNG, prompts=("liver", MARKUP))
+    assert masked == sum(decode(m["rle"][0]).sum() for m in answer.json()["masks"])
     assert json.dumps(answer.json())  # plain JSON
 
 
@@ -522,7 +528,8 @@ def test_hostile_uploads_are_refused_before_memory_is_spent(url, tmp_path):
     bomb = zip_bomb(tmp_path / "bomb.zip", gib=1.0)  # 1 GiB of zeros in about 1 MB
     png = big_png(tmp_path / "huge.png", 30000, 30000)
     nifti = nifti_claiming(tmp_path / "huge.nii.gz", (2000, 2000, 2000))
-    # 256×256×64 int16 with 512 in a fourth axis: 4 GiB decoded from a few kB
+    # 512 in a fourth axis: real zeros (256 MiB decoded from a small gzip), and a header alone claiming 4 GiB
+    zeros_4d = nifti_4d_zeros(tmp_path / "zeros4d.nii.gz", (64, 64, 64, 512))
     nifti_4d = nifti_claiming(tmp_path / "huge4d.nii.gz", (256, 256, 64, 512))
     void = npz_of(tmp_path / "CT_void.npz", np.zeros(256, dtype="V4096"))  # 1 MiB that claims to be 256 voxels
     series = {name: zipped([(f.name, f.read_bytes()) for f in dicom_claiming(tmp_path / name, *shape).iterdir()])
@@ -535,7 +542,9 @@ def test_hostile_uploads_are_refused_before_memory_is_spent(url, tmp_path):
             ("zip bomb", "series.zip", bomb.read_bytes(), 413, "zip expands beyond its limits"),
             ("30000² PNG", png.name, png.read_bytes(), 413, "[30000, 30000] exceeds the limits"),
             ("2000³ NIfTI", nifti.name, nifti.read_bytes(), 413, "[2000, 2000, 2000] exceeds the limits"),
-            ("4D NIfTI", nifti_4d.name, nifti_4d.read_bytes(), 422,
+            ("4D NIfTI of zeros", zeros_4d.name, zeros_4d.read_bytes(), 422,
+             "4D volume (64, 64, 64, 512) and no channel configured"),
+            ("4D NIfTI header", nifti_4d.name, nifti_4d.read_bytes(), 422,
              "4D volume (256, 256, 64, 512) and no channel configured"),
             ("void NPZ", void.name, void.read_bytes(), 422, "array 'imgs' has dtype |V4096; numbers are expected"),
             ("RGB DICOM", "rgb.zip", series["rgb"], 422, "a colour DICOM series (3 samples per pixel)"),
