@@ -38,6 +38,13 @@ logger = logging.getLogger("ray.serve")
 BYTES_PER_VOXEL = 8
 
 
+def reserved_bytes(size: Declared, prompts: int) -> int:
+    """What a request for a scan of this declared size holds of ``max_decoded_mb`` while it
+    runs: its decoded arrays and their working copies (twice the declared bytes, at least the
+    per-voxel cost measured for CT) and one byte per voxel and prompt for the masks."""
+    return max(2 * size.decoded_bytes, size.voxels * BYTES_PER_VOXEL) + size.voxels * prompts
+
+
 class Ingress:
     """One ingress replica's state: what the routes read, and the path they share to the model."""
 
@@ -154,8 +161,7 @@ class Ingress:
         its shape passes ``max_side`` / ``max_voxels`` or the bytes pass the whole decoded-memory
         budget (``max_decoded_mb``)."""
         self.check_shape(size.shape)
-        # the decoded arrays and their working copies, at least the per-voxel cost measured for CT
-        held = max(2 * size.decoded_bytes, size.voxels * BYTES_PER_VOXEL) + size.voxels * prompts
+        held = reserved_bytes(size, prompts)
         if held > self.decoded.total:
             raise UploadError(413, f"image of shape {list(size.shape)} decodes to {size.decoded_bytes / 2**20:.0f} MB "
                                    f"and needs {held / 2**20:.0f} MB with its {prompts} prompt(s), over the "
