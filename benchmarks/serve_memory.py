@@ -37,18 +37,23 @@ CASES = [((512, 512, 100), "int16", 1), ((512, 512, 100), "int16", 4), ((512, 51
 
 
 def one_request(path: Path, prompts: int, queue) -> None:
-    """The ingress's work on one volume request; puts (peak RSS above baseline, voxels)."""
+    """The ingress's work on one volume request; puts (peak RSS above baseline, voxels, the bytes
+    the ingress reserves for it). Everything is imported here, before the baseline: a spawned
+    process starts with its parent's peak RSS (Linux keeps it across exec), so the parent stays light."""
     import numpy as np
 
     from medsam3.inference import Preprocessor, SliceAnswer, inference_config
+    from medsam3.io.declared import declared
     from medsam3.io.scan import read_scan
     from medsam3.io.write import write_nifti_labels
     from medsam3.plans import Plans
+    from serve.ingress import reserved_bytes
 
     cfg = inference_config()
     names = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta"][:prompts]
     # items at the sam3 preset's input size, as serve ships them
     prep = Preprocessor(Plans.from_prepare_config(cfg.prepare), 1008)
+    reserved = reserved_bytes(declared(path), prompts)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     scan = read_scan(path)
     case = scan.case
@@ -61,7 +66,7 @@ def one_request(path: Path, prompts: int, queue) -> None:
         prep.fill(case, results, items, answers)
     write_nifti_labels([r.mask for r in results], case.affine, path.with_name("labels.nii.gz"), scan.source_affine)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put((peak - baseline, case.image.size))
+    queue.put((peak - baseline, case.image.size, reserved))
 
 
 def measure(shape: tuple[int, int, int], prompts: int, dtype: str) -> tuple[float, float]:
@@ -70,22 +75,18 @@ def measure(shape: tuple[int, int, int], prompts: int, dtype: str) -> tuple[floa
     import nibabel as nib
     import numpy as np
 
-    from medsam3.io.declared import declared
-    from serve.ingress import reserved_bytes
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ct.nii.gz"
         volume = np.random.default_rng(0).integers(-1000, 1000, size=shape, dtype=np.int16).astype(dtype)
         nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.0, 1.0])), path)
         del volume
-        size = declared(path)
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         process = context.Process(target=one_request, args=(path, prompts, queue))
         process.start()
-        grown, voxels = queue.get()
+        grown, voxels, reserved = queue.get()
         process.join()
-    return grown / voxels, reserved_bytes(size, prompts) / size.voxels
+    return grown / voxels, reserved / voxels
 
 
 def main() -> None:

@@ -80,9 +80,10 @@ def machine_line(machine: dict) -> str:
 
 
 def busy(machine: dict) -> bool:
-    """Whether the machine ran other work: a 1-minute load average above its core count."""
+    """Whether the machine ran other work: a 1-minute load average above its core count when the
+    benchmark started (at its end the benchmark's own work is in the figure)."""
     load, cores = machine.get("load_average_1m") or {}, machine.get("usable_cores") or machine.get("cores")
-    return bool(cores) and max(v for v in (load.get("start"), load.get("end"), 0) if v is not None) > cores
+    return bool(cores) and (load.get("start") or 0) > cores
 
 
 def render_target(target: dict) -> list:
@@ -100,7 +101,8 @@ def render_section(benchmark: str, section: dict) -> list[str]:
              f"- Date (UTC): {section['date']}",
              f"- Command: `{section['command']}`", ""]
     if busy(section.get("machine", {})):
-        lines += ["**Measured while the machine was busy with other work** (load average above its core count): "
+        lines += ["**Measured while the machine was busy with other work** (load average above its core count "
+                  "at the start): "
                   "rates are low and ratios between runs unreliable; rerun the command on an idle machine.", ""]
     for table in section.get("tables", []):
         if table.get("title"):
