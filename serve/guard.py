@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from starlette._utils import get_route_path
+
 from serve.limits import IDLE_S, BodyLimit, Receive, Scope, Send, send_json, upload_bytes
 
 # /v1 and the MONAI Label routes (serve/monailabel.py; /auth/ and /auth/token stay open for its login)
@@ -112,6 +114,4 @@ def route_path(scope: Scope) -> str:
     """The path the app routes on: Serve mounts an app under its ``route_prefix`` by passing the
     full path with ``root_path`` set to the prefix. Starlette's own function, so the guard and
     the router cannot disagree on which route a request reaches."""
-    from starlette._utils import get_route_path
-
     return get_route_path(scope)
