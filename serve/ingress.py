@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.guard import IngressGuard
-from serve.limits import Budget, BudgetTimeout
+from serve.limits import Budget, BudgetTimeout, retry_after
 from serve.model import inference_cfg, served_models
 from serve.uploads import UploadError, ZipLimits, unreadable
 
@@ -152,7 +152,7 @@ class Ingress:
             async with self.decoded.hold(held, self.decoded_wait_s):
                 yield
         except BudgetTimeout as exc:
-            retry = str(max(1, round(self.decoded_wait_s)))
+            retry = retry_after(self.decoded_wait_s)
             raise UploadError(503, f"the server is decoding as many scans as it can hold; retry in {retry} s",
                               {"Retry-After": retry}) from exc
 

@@ -46,6 +46,11 @@ class BudgetTimeout(Exception):
     """No room in the budget within the deadline."""
 
 
+def retry_after(wait_s: float) -> str:
+    """The Retry-After seconds of a 503 given after waiting ``wait_s`` for room in a budget."""
+    return str(max(1, round(wait_s)))
+
+
 class Budget:
     """A pool of units (bytes, voxels) that requests in flight hold; a request waits for room, at
     most ``timeout`` seconds when given."""
@@ -123,7 +128,7 @@ class BodyLimit:
             async with self.budget.hold(reserve, self.wait_s):
                 return await self._limited(scope, receive, send)
         except BudgetTimeout:
-            retry = str(max(1, round(self.wait_s)))
+            retry = retry_after(self.wait_s)
             return await send_json(send, 503, {"detail": "the server is receiving as many uploads as it can hold; "
                                                          f"retry in {retry} s"},
                                    [(b"retry-after", retry.encode()), *self.where])
