@@ -70,6 +70,34 @@ def keep_serve_replicas_on_loopback() -> None:
     replica.add_port_to_grpc_server = add_port
 
 
+def driver_groups(data: Any, keys: list[str]) -> list[Any]:
+    """A small dataset's groups by ``keys``, formed in the driver: pandas frames in key order.
+
+    Ray Data's ``groupby`` starts a hash shuffle whose fixed cost (seconds to tens of seconds on
+    a small cluster) dwarfs the work for a few cases; callers form groups here when the rows fit
+    in the driver's memory, and with the ``groupby`` otherwise."""
+    frame = data.to_pandas()
+    return [part.reset_index(drop=True) for _, part in frame.groupby(keys, sort=True)]
+
+
+def group_arrays(frame: Any) -> dict[str, Any]:
+    """A pandas group as the numpy batch Ray Data's ``map_groups`` hands its function."""
+    return {key: frame[key].to_numpy() for key in frame.columns}
+
+
+def map_groups(data: Any, keys: list[str], fn: Any, in_driver: bool, **kwargs: Any) -> Any:
+    """``data.groupby(keys).map_groups(fn, **kwargs)`` on numpy batches: each group of rows in
+    one call of ``fn`` (a function or an actor class). With ``in_driver`` the groups are formed
+    by :func:`driver_groups`, one block each, and mapped whole."""
+    import ray
+
+    if in_driver:
+        parts = driver_groups(data, keys)
+        if parts:
+            return ray.data.from_pandas(parts).map_batches(fn, batch_size=None, batch_format="numpy", **kwargs)
+    return data.groupby(keys, num_partitions=group_partitions()).map_groups(fn, batch_format="numpy", **kwargs)
+
+
 def group_partitions() -> int:
     """Hash-shuffle partitions for a Ray Data ``groupby``: one per CPU of the cluster.
 

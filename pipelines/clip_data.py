@@ -58,21 +58,17 @@ def make_clips(group: Mapping[str, np.ndarray], length: int) -> dict[str, np.nda
 
 
 def clip_dataset(rows: ray.data.Dataset, length: int, in_driver: bool) -> ray.data.Dataset:
-    """One row per clip of ``rows`` (shard rows). Shards small enough to be held in memory
-    (``in_driver``) are grouped here, in (dataset, case, prompt) order: Ray Data's ``groupby``
-    starts a hash shuffle that costs seconds to tens of seconds on a small cluster whatever the
-    data. Larger shards go through that ``groupby``, one partition per CPU."""
+    """One row per clip of ``rows`` (shard rows); shards small enough to be held in memory are
+    grouped in the driver (``in_driver``, :func:`medsam3.ray_local.map_groups`)."""
     import ray
 
-    from medsam3.ray_local import group_partitions
+    from medsam3.ray_local import driver_groups, group_arrays, map_groups
 
     if not in_driver:
-        return rows.groupby(list(CLIP_KEYS), num_partitions=group_partitions()).map_groups(
-            make_clips, fn_kwargs={"length": length}, batch_format="numpy")
-    frame = rows.select_columns([*CLIP_KEYS, "slice_index", "image", "mask"]).to_pandas()
+        return map_groups(rows, list(CLIP_KEYS), make_clips, False, fn_kwargs={"length": length})
     clips = []
-    for _, part in frame.groupby(list(CLIP_KEYS), sort=True):
-        cut = make_clips({key: part[key].to_numpy() for key in part.columns}, length)
+    for part in driver_groups(rows.select_columns([*CLIP_KEYS, "slice_index", "image", "mask"]), list(CLIP_KEYS)):
+        cut = make_clips(group_arrays(part), length)
         clips += [{key: values[i] for key, values in cut.items()} for i in range(len(cut.get("frames", [])))]
     return ray.data.from_items(clips)
 

@@ -41,7 +41,7 @@ from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
 from medsam3.model import parse_checkpoints as parse
 from medsam3.plans import Plans
-from medsam3.ray_local import group_partitions, init_ray
+from medsam3.ray_local import driver_groups, group_arrays, init_ray, map_groups
 from medsam3.schema import arrow_source, decode_batch, row_tables, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
 
@@ -298,6 +298,19 @@ def _metrics_batch(group: dict[str, np.ndarray], side: int, tolerance_mm: float)
     return {k: np.array([v]) for k, v in row.items()}
 
 
+def score_slices(rows, side: int, tolerance_mm: float, in_driver: bool):
+    """Predicted rows (a Ray Data dataset) → one metrics row per (mode, case, label), as a pandas
+    frame: grouped and scored in the driver for small runs, in the cluster otherwise."""
+    import pandas as pd
+
+    keys = ["mode", "dataset", "case_id", "label"]
+    if in_driver:  # here: a worker scoring a few groups would spend longer importing this module
+        return pd.DataFrame([case_metrics(group_arrays(part), side, tolerance_mm)
+                             for part in driver_groups(rows, keys)])
+    return map_groups(rows, keys, _metrics_batch, False,
+                      fn_kwargs={"side": side, "tolerance_mm": tolerance_mm}).to_pandas()
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir: str | os.PathLike,
@@ -319,7 +332,7 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     files = shard_files(shards)
     paths, filesystem = arrow_source(files)
     side = _stored_side(paths[0], filesystem)
-    index = shard_dataset(files).to_table(columns=["dataset", "case_id", "slice_index"])
+    index = shard_dataset(files).to_table(columns=["dataset", "case_id", "slice_index", "label", "num_slices"])
     volumes_all = {(d, c) for d, c, k in zip(*(index.column(i).to_pylist() for i in range(3)), strict=True) if k >= 0}
     cases = sorted(set(zip(index.column(0).to_pylist(), index.column(1).to_pylist(), strict=True)))
     split, chosen = select_cases(cases, found, str(cfg.split))
@@ -346,21 +359,18 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
         source = whole if source is None else source.union(whole)
     actor = {"compute": ray.data.ActorPoolStrategy(size=int(cfg.num_actors)),
              "num_cpus": float(cfg.cpus_per_actor), "num_gpus": 1 if cfg.use_gpu else 0}
-    partitions = group_partitions()
+    in_driver = _driver_bytes(index, from_shards, volumes, cfg.modes, side) <= float(cfg.driver_group_mb) * 2**20
     for name, folder in found.items():
         kwargs = {"checkpoint": folder, "cfg": plain, "threads": int(cfg.cpus_per_actor)}
         parts = []
         if set(cfg.modes) & set(SLICE_MODES):
             rows = source.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_size=int(cfg.batch_size),
                                       **actor)
-            parts.append(rows.groupby(["mode", "dataset", "case_id", "label"], num_partitions=partitions).map_groups(
-                _metrics_batch, fn_kwargs={"side": side, "tolerance_mm": float(cfg.tolerance_mm)},
-                batch_format="numpy").to_pandas())
+            parts.append(score_slices(rows, side, float(cfg.tolerance_mm), in_driver))
         if set(cfg.modes) & set(VOLUME_MODES):  # 3D cases only: a 2D image is no video
-            volumes_only = source.filter(lambda r: r["slice_index"] >= 0)
-            parts.append(volumes_only.groupby(["dataset", "case_id", "prompt"], num_partitions=partitions)
-                         .map_groups(VolumePredictor, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor)
-                         .to_pandas())
+            videos = source.filter(lambda r: r["slice_index"] >= 0)
+            parts.append(map_groups(videos, ["dataset", "case_id", "prompt"], VolumePredictor, in_driver,
+                                    fn_constructor_kwargs=kwargs, **actor).to_pandas())
         frame = pd.concat(parts, ignore_index=True)
         frame.insert(0, "checkpoint", name)
         frames.append(frame)
@@ -368,6 +378,21 @@ def run_evaluate(shards: str | os.PathLike, checkpoints: Sequence[str], out_dir:
     scope = {"split": split, "cases": len(chosen), "of_cases": len(cases),
              "volumes": "whole (read from the scans)" if scans else "the slices the shards hold"}
     return write_reports(table, list(found), found, shards, out_dir, cfg, side, scope)
+
+
+def _driver_bytes(index, from_shards: set, volumes: set, modes: Sequence[str], side: int) -> int:
+    """Bytes the driver would hold to form the groups itself: packed predicted and true masks per
+    slice mode, and the images and masks of the 3D rows for the propagation modes (a whole
+    volume read from its scan: every slice for each of its labels)."""
+    table = index.to_pandas()
+    keys = list(zip(table.dataset, table.case_id, strict=True))
+    rows = table[[k in from_shards for k in keys]]
+    whole = table[[k in volumes for k in keys]].groupby(["dataset", "case_id", "label"]).num_slices.first()
+    slice_rows = len(rows) + int(whole.sum())
+    video_rows = int((rows.slice_index >= 0).sum()) + int(whole.sum())
+    slice_modes = len(set(modes) & set(SLICE_MODES))
+    return slice_rows * slice_modes * 2 * side**2 // 8 + (video_rows * 4 * side**2 if set(modes) & set(VOLUME_MODES)
+                                                          else 0)
 
 
 def _stored_side(file: str, filesystem) -> int:

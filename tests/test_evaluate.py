@@ -147,6 +147,49 @@ def test_a_false_positive_on_a_slice_the_shards_sampled_out_counts_in_the_volume
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
+def test_groups_formed_in_the_driver_equal_ray_datas_groupby():
+    """Rows of several cases shuffled together, grouped both ways: evaluate's slice scoring gives
+    the metrics of scoring each group alone, and an actor class gets each group whole in one call."""
+    import ray
+
+    from medsam3.ray_local import map_groups
+    from pipelines.evaluate import score_slices
+
+    class Slices:  # a Ray Data actor like evaluate's VolumePredictor: constructor arguments
+        def __init__(self, tag: str):
+            self.tag = tag
+
+        def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"case_id": group["case_id"][:1], "label": group["label"][:1], "tag": np.array([self.tag]),
+                    "slices": np.array([" ".join(map(str, sorted(group["slice_index"])))])}
+
+    side, rng = 32, np.random.default_rng(1)
+    groups, rows = {}, []
+    for case in ("a", "b", "c"):
+        for label in ("liver", "spleen"):
+            depth = int(rng.integers(2, 6))
+            gt = rng.random((depth, side, side)) < 0.3
+            pred = gt ^ (rng.random((depth, side, side)) < 0.1)
+            group = _group(pred, gt, list(range(depth)))
+            group["case_id"], group["label"] = np.array([case] * depth), np.array([label] * depth)
+            groups[(case, label)] = case_metrics(group, side, tolerance_mm=2.0)
+            rows += [{k: v[i].item() if isinstance(v[i], np.generic) else v[i] for k, v in group.items()}
+                     for i in range(depth)]
+    data = ray.data.from_items([rows[i] for i in rng.permutation(len(rows))], override_num_blocks=3)
+    for in_driver in (True, False):
+        table = score_slices(data, side, 2.0, in_driver)
+        assert len(table) == len(groups)
+        for _, row in table.iterrows():
+            want = groups[(row.case_id, row.label)]
+            assert {k: row[k] for k in want} == pytest.approx(want), (in_driver, row.case_id, row.label)
+        whole = map_groups(data, ["case_id", "label"], Slices, in_driver, fn_constructor_kwargs={"tag": "t"},
+                           compute=ray.data.ActorPoolStrategy(size=1)).to_pandas()
+        assert sorted(zip(whole.case_id, whole.label, whole.slices, whole.tag, strict=True)) == [
+            (case, label, " ".join(map(str, range(g["slices"]))), "t") for (case, label), g in sorted(groups.items())]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
 def test_evaluate_scores_held_out_cases_and_whole_volumes(shards, tiny_checkpoint, tmp_path):
     """A checkpoint that records its run's training cases is scored on the others by default;
     with `scans`, every slice of a 3D case is scored (the shards hold only some empty ones)."""
