@@ -175,21 +175,40 @@ def seed_on_middle_slice(gt: np.ndarray, axis: int) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="session")
-def clip_trained(ray_local, lesion_shards):
-    """A 2-worker ZeRO-3 clip run (detector + tracker) on the lesion's two clips, trained until
-    box-seeded propagation tracks the lesion through the volume (TRACKED), exported as a video checkpoint:
-    (run folder, export folder, scans folder, shards folder). Fails, with the scores, when the
-    last of CLIP_STEPS is reached first."""
+def clip_stopped(ray_local, lesion_shards) -> Path:
+    """The clip fixture's run (2 ZeRO-3 workers, detector + tracker, the lesion's two clips)
+    stopped at its checkpoint at step 2: the run folder."""
+    from medsam3.config import load_config
+    from pipelines.train import run_train
+
+    run_dir = lesion_shards / "run"
+    assert run_train(lesion_shards / "shards", run_dir, load_config("train", [
+        *CLIPS, *OVERFIT, "train.max_steps=2", "train.checkpoint_every=2"])).error is None
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def clip_trained(clip_stopped, lesion_shards):
+    """The clip run resumed by name and trained until box-seeded propagation tracks the lesion
+    through the volume (TRACKED), exported as a video checkpoint: (run folder, export folder,
+    scans folder, shards folder). Fails, with the scores, when the last of CLIP_STEPS is reached
+    first. A worker is SIGKILLed after the resumed run's first step (step 3): the run goes on
+    from checkpoint 2 (test_video reads that from its log)."""
     from medsam3.config import load_config
     from pipelines.export import export_run
     from pipelines.train import run_train
+    from tests.builders import WorkerKiller
 
-    run_dir, shards, scans = lesion_shards / "run", lesion_shards / "shards", lesion_shards / "scans"
+    run_dir, shards, scans = clip_stopped, lesion_shards / "shards", lesion_shards / "scans"
+    killer = WorkerKiller(run_dir, after_steps=3)
+    killer.start()
     history = []
     for steps in CLIP_STEPS:  # each stop resumes the run from its last checkpoint
         result = run_train(shards, run_dir, load_config("train", [*CLIPS, *OVERFIT, f"train.max_steps={steps}",
                                                                   f"train.checkpoint_every={steps}"]))
-        assert result.error is None
+        killer.join()
+        assert killer.killed, "no training worker was found to kill"
+        assert result.error is None and result.metrics["step"] == steps
         model = Path(export_run(run_dir, lesion_shards / f"model-{steps}"))
         scores = box_seeded_tracking(model, scans)
         history.append((steps, scores))
