@@ -7,8 +7,10 @@ Prints, measured in one run on this machine:
     one CPU each;
 (c) on a GPU machine: slices/s of the full-size ``sam3`` preset in bf16 at 1008²;
 (d) 3D: slices/s of ``propagate`` (a box seeded on the middle slice and tracked to both ends;
-    text-started clips) against ``slices`` on the same 512×512×600 volume, with the tiny video
-    model, and each run's peak RSS (a fresh process per run, so each peak is its own).
+    text-started clips, with a detector that finds nothing and one that keeps every detection,
+    each also with per-session backbone passes) against ``slices`` on the same 512×512×600 volume,
+    with the tiny video model, and each run's peak RSS (a fresh process per run, so each peak is
+    its own); ``--full-3d N`` adds seconds per slice of the full-size preset on N slices.
     ``--only-3d`` runs (d) alone, ``--no-3d`` everything but (d).
 Each ratio is the median over interleaved repeats, since shared machines are noisy. The figures
 are also written as JSON (``--json``, default ``benchmarks/results/inference.json``; one section
@@ -56,8 +58,9 @@ SECTIONS = {
     "3d": {
         "title": "3D: propagate against slices",
         "measures": "Slices per second and peak resident memory of `mode=propagate` (a box tracked from the middle "
-                    "slice; text-started clips) against `mode=slices` on one deep CT volume with the tiny video "
-                    "model, each run in a fresh process.",
+                    "slice; text-started clips, with the vision pass shared by every clip and with per-session "
+                    "passes) against `mode=slices` on one deep CT volume with the tiny video model, each run in a "
+                    "fresh process; optionally seconds per slice of the full-size preset.",
         "run": "python benchmarks/inference.py --only-3d",
     },
 }
@@ -114,27 +117,34 @@ def evaluate_rate(shards: Path, checkpoint: Path, actors: int, out: Path) -> flo
     return rows * len(cfg.modes) / (time.perf_counter() - started)
 
 
-def video_checkpoint(folder: Path) -> Path:
-    """The tiny video model with random detector and tracker weights: the tracker's cost does
-    not depend on its weights. A random detector finds nothing, so the text-started clips here
-    measure the detector and the sessions with no object to track (a lower bound; each tracked
-    object adds about one box-propagation step per slice and direction)."""
+def video_checkpoint(folder: Path, keep_detections: bool = False, preset: str = "tiny_video") -> Path:
+    """A video model with random detector and tracker weights: the cost does not depend on the
+    weights. A random detector finds nothing; ``keep_detections`` saves it with the detection
+    thresholds at 0, so text-started clips track the objects it adds (the tracker path)."""
     import torch
 
     from medsam3.model import build_model
     from medsam3.video import assemble_video_model
 
     torch.manual_seed(0)
-    tiny_checkpoint(folder, "tiny_video")
-    video = assemble_video_model(build_model("tiny_video"), None, "tiny_video", allow_random_tracker=True)
+    tiny_checkpoint(folder, preset)
+    video = assemble_video_model(build_model(preset), None, preset, allow_random_tracker=True)
+    if keep_detections:
+        video.config.score_threshold_detection = video.config.new_det_thresh = 0.0
     video.save_pretrained(folder)
     return folder
 
 
-def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, queue) -> None:
-    """A child process: one ``segment`` call on the volume → (slices/s, peak RSS in MB)."""
+def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, shared: bool, queue) -> None:
+    """A child process: one ``segment`` call on the volume → (slices/s, peak RSS in MB).
+    ``shared=False``: text sessions run the backbone and detector on each of their frames."""
+    import contextlib
     import resource
 
+    from medsam3.propagate import VolumePropagator
+
+    if not shared:
+        VolumePropagator._shared_detector = lambda *_: contextlib.nullcontext()
     model = segmenter(Path(checkpoint), 8)
     case = ct_volume(depth)
     started = time.perf_counter()
@@ -142,42 +152,81 @@ def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, queue) -
     queue.put((depth / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def propagation_table(depth: int, repeats: int, json_path: str | None = None) -> None:
+def propagation_table(depth: int, repeats: int, json_path: str | None = None, full_depth: int = 0) -> None:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
+    text = "propagate, text clips (8 slices, overlap 4, both directions)"
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = str(video_checkpoint(Path(tmp) / "video"))
-        runs = {"slices (text)": ("slices", None),
-                "propagate, box on the middle slice": ("propagate", f"200,200,300,300@z={depth // 2}"),
-                "propagate, text clips (8 slices, overlap 4, both directions; nothing found)": ("propagate", None)}
-        found: dict[str, list] = {name: [] for name in runs}
-        print(f"\n(d) 3D on a 512x512x{depth} CT volume (volume alone: {512 * 512 * depth * 2 / 2**20:.0f} MB int16), "
-              "tiny video model, CPU:", flush=True)
-        for _ in range(repeats):
-            for name, (mode, box) in runs.items():
-                queue = context.Queue()
-                child = context.Process(target=_timed_run, args=(checkpoint, depth, mode, box, queue))
-                child.start()
-                found[name].append(queue.get())
-                child.join()
-                print(f"    run: {name}: {found[name][-1][0]:.1f} slices/s, peak RSS {found[name][-1][1]:.0f} MB",
-                      flush=True)
-        base = statistics.median(r for r, _ in found["slices (text)"])
-        rows = []
-        for name, results in found.items():
-            rate = statistics.median(r for r, _ in results)
-            peak = max(m for _, m in results)
-            print(f"    {name:62s} {rate:6.1f} slices/s  ({rate / base:.2f}x slices)  peak RSS {peak:5.0f} MB")
-            rows.append([name, f"{rate:.1f}", f"{rate / base:.2f}×", f"{peak:,.0f} MB"])
+        empty = str(video_checkpoint(Path(tmp) / "video"))
+        finds = str(video_checkpoint(Path(tmp) / "finds", keep_detections=True))
+        runs = {"slices (text)": (empty, "slices", None, True),
+                "propagate, box on the middle slice": (empty, "propagate", f"200,200,300,300@z={depth // 2}", True),
+                f"{text}; nothing found": (empty, "propagate", None, True),
+                f"{text}; nothing found; per-session passes": (empty, "propagate", None, False),
+                f"{text}; every detection kept": (finds, "propagate", None, True),
+                f"{text}; every detection kept; per-session passes": (finds, "propagate", None, False)}
+        found = timed_runs(context, runs, depth, repeats, f"\n(d) 3D on a 512x512x{depth} CT volume, tiny video "
+                           "model, CPU:")
+        rows = ratio_rows(found)
+        tables = [record.table(f"a 512×512×{depth} CT volume ({512 * 512 * depth * 2 / 2**20:,.0f} MiB as int16), "
+                               f"tiny video model with random weights, CPU; median of {repeats} run(s), each in a "
+                               "fresh process; peak: the largest run's",
+                               ["mode", "slices/s", "vs `slices`", "peak resident set"], rows)]
+        targets = [record.target(f"text clips / slices, {case}", _ratio(found, f"{text}; {case}"), ">= 0.5")
+                   for case in ("nothing found", "every detection kept")]
+        if full_depth:
+            full = str(video_checkpoint(Path(tmp) / "sam3", preset="sam3"))
+            runs = {"slices (text)": (full, "slices", None, True),
+                    f"{text}; nothing found": (full, "propagate", None, True),
+                    f"{text}; nothing found; per-session passes": (full, "propagate", None, False)}
+            found = timed_runs(context, runs, full_depth, 1, f"\n(d) full-size sam3 preset on a "
+                               f"512x512x{full_depth} CT volume, fp32, CPU:")
+            tables.append(record.table(
+                f"a 512×512×{full_depth} CT volume, full-size `sam3` preset (detector and tracker) with random "
+                "weights, fp32, CPU, "
+                "one run each in a fresh process", ["mode", "seconds per slice", "vs `slices`", "peak resident set"],
+                [[name, f"{1 / rate:.1f}", f"{rate / found['slices (text)'][0][0]:.2f}×", f"{peak:,.0f} MB"]
+                 for name, [(rate, peak)] in found.items()]))
     record.write_section(
-        json_path or record.default_path(__file__), __file__, SECTIONS, "3d",
-        tables=[record.table(f"a 512×512×{depth} CT volume ({512 * 512 * depth * 2 / 2**20:,.0f} MiB as int16), tiny "
-                             f"video model with random weights, CPU; median of {repeats} run(s), each in a fresh "
-                             "process; peak: the largest run's",
-                             ["mode", "slices/s", "vs `slices`", "peak resident set"], rows)],
-        notes=["The random-weight detector finds nothing, so the text-started clips track no object: a lower bound "
-               "(each tracked object adds about one tracker step per slice, clip and direction)."])
+        json_path or record.default_path(__file__), __file__, SECTIONS, "3d", tables=tables, targets=targets,
+        notes=["\"per-session passes\": every text session runs the backbone and the detector on each of its frames "
+               "(about 4 times per slice with these clips), as transformers' Sam3VideoModel does on its own; "
+               "otherwise one vision pass per slice is shared by every clip and direction.",
+               "\"every detection kept\": the random detector saved with its detection thresholds at 0, so the "
+               "clips track the objects it adds (the tracker's path); \"nothing found\": its own thresholds."])
+
+
+def timed_runs(context, runs: dict, depth: int, repeats: int, title: str) -> dict[str, list]:
+    """Each run (checkpoint, mode, box, shared) in a fresh process, interleaved ``repeats`` times."""
+    found: dict[str, list] = {name: [] for name in runs}
+    print(title, flush=True)
+    for _ in range(repeats):
+        for name, args in runs.items():
+            queue = context.Queue()
+            child = context.Process(target=_timed_run, args=(args[0], depth, *args[1:], queue))
+            child.start()
+            found[name].append(queue.get())
+            child.join()
+            print(f"    run: {name}: {found[name][-1][0]:.2f} slices/s, peak RSS {found[name][-1][1]:.0f} MB",
+                  flush=True)
+    return found
+
+
+def _ratio(found: dict[str, list], name: str) -> float:
+    return round(statistics.median(r for r, _ in found[name]) / statistics.median(
+        r for r, _ in found["slices (text)"]), 2)
+
+
+def ratio_rows(found: dict[str, list]) -> list[list[str]]:
+    base = statistics.median(r for r, _ in found["slices (text)"])
+    rows = []
+    for name, results in found.items():
+        rate = statistics.median(r for r, _ in results)
+        peak = max(m for _, m in results)
+        print(f"    {name:80s} {rate:6.1f} slices/s  ({rate / base:.2f}x slices)  peak RSS {peak:5.0f} MB")
+        rows.append([name, f"{rate:.1f}", f"{rate / base:.2f}×", f"{peak:,.0f} MB"])
+    return rows
 
 
 def main() -> None:
@@ -186,6 +235,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--copies", type=int, default=8, help="copies of the 4 lesion volumes for (b)")
     parser.add_argument("--depth-3d", type=int, default=600, help="slices of the volume for (d)")
+    parser.add_argument("--full-3d", type=int, default=0,
+                        help="(d) also on the full-size sam3 video preset, on a volume of this many slices (CPU: slow)")
     parser.add_argument("--only-3d", action="store_true", help="run (d) only")
     parser.add_argument("--no-3d", action="store_true", help="run (a)-(c) only")
     parser.add_argument("--json", default=None,
@@ -193,7 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     json_path = args.json or record.default_path(__file__)
     if args.only_3d:
-        propagation_table(args.depth_3d, args.repeats, json_path)
+        propagation_table(args.depth_3d, args.repeats, json_path, args.full_3d)
         return
 
     import ray
@@ -267,7 +318,7 @@ def main() -> None:
         else:
             print("\n(c) no GPU here: the sam3 preset's bf16 slices/s is measured on a GPU machine")
     if not args.no_3d:
-        propagation_table(args.depth_3d, args.repeats, json_path)
+        propagation_table(args.depth_3d, args.repeats, json_path, args.full_3d)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,15 @@ from medsam3.adapters import AdapterError, AdapterSet
 from medsam3.config import load_config
 from medsam3.io import storage
 from medsam3.io.case import Case
-from medsam3.model import CheckpointError, box_prompts, check_checkpoint, checkpoint_type, model_image_size, tokenize
+from medsam3.model import (
+    CheckpointError,
+    box_prompts,
+    check_checkpoint,
+    checkpoint_type,
+    model_image_size,
+    take_batch,
+    tokenize,
+)
 from medsam3.plans import Plans, checkpoint_plans
 from medsam3.results import PromptResult, masks_to_grid
 from medsam3.samples import Intensity
@@ -393,7 +401,7 @@ class Segmenter:
         boxes = np.array([item.box if item.box is not None else [np.nan] * 4 for item in items], np.float64)
         with self.using(adapter):
             vision = self._vision([first[key] for key in keys])
-            vision = _take(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
+            vision = take_batch(vision, torch.tensor([where[item.square_key] for item in items], device=self.device))
             # boxes are in the stored square's pixels, whatever size the item's square was shipped at
             outputs = self._decode(vision, [item.prompt for item in items], boxes, self.prep_of(adapter).square)
         answers: list[SliceAnswer | None] = [None] * len(items)
@@ -493,21 +501,7 @@ class Segmenter:
         seeds = request.seeds()
         if seeds:
             propagation.seeded(results, seeds)
-        for i, result in enumerate(results):
-            if i not in seeds:
-                propagation.text(result)
-
-
-def _take(output, index):
-    """Index the batch dimension of every tensor in a transformers ModelOutput (tuples included)."""
-    def pick(value):
-        if isinstance(value, torch.Tensor):
-            return value[index]
-        if isinstance(value, tuple | list):
-            return type(value)(pick(v) for v in value)
-        return value
-
-    return type(output)(**{key: pick(value) for key, value in output.items()})
+        propagation.text([result for i, result in enumerate(results) if i not in seeds])
 
 
 def checkpoint_image_size(checkpoint: str | os.PathLike) -> int:

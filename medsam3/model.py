@@ -208,3 +208,17 @@ def box_prompts(boxes, side: int):
     cxcywh[~given] = 0
     labels = np.where(given, 1, NO_BOX)
     return torch.from_numpy(cxcywh).float()[:, None], torch.from_numpy(labels).long()[:, None]
+
+
+def take_batch(output, index):
+    """Index the batch dimension of every tensor in a transformers ModelOutput (tuples included)."""
+    import torch
+
+    def pick(value):
+        if isinstance(value, torch.Tensor):
+            return value[index]
+        if isinstance(value, tuple | list):
+            return type(value)(pick(v) for v in value)
+        return value
+
+    return type(output)(**{key: pick(value) for key, value in output.items()})

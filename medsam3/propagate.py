@@ -12,23 +12,30 @@ Two ways in, as in Medical SAM3 and MedSAM2:
 * **Clicks on one slice** (foreground / background points, e.g. a viewer's clicks) — SAM's point
   prompts seed the tracker the same way, alone or with a box.
 
-Frames are made on demand from the volume (:class:`LazyFrames`) and a session keeps only the
-memories the tracker can still attend to, so memory stays bounded whatever the depth. Pixels go
-through the same :class:`~medsam3.inference.Preprocessor` as slice-by-slice inference.
+Each slice goes through the vision backbone once per volume and intensity window, ``batch_size``
+slices per call (:class:`VisionPass`), whatever the clips, directions and prompts that read it;
+text-started clips also share the detector's outputs per (slice, prompt). Frames are made on
+demand from the volume (:class:`LazyFrames`), the vision pass holds only the slices a clip or
+sweep still needs, and a session keeps only the memories the tracker can still attend to, so
+memory stays bounded whatever the depth. Pixels go through the same
+:class:`~medsam3.inference.Preprocessor` as slice-by-slice inference.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from medsam3.io.case import Case
-from medsam3.model import tokenize
+from medsam3.model import take_batch, tokenize
 from medsam3.results import PromptResult, masks_to_grid
 from medsam3.samples import Intensity
 from medsam3.transforms import model_pixels, resized_shape, undisplay_slice
@@ -63,15 +70,18 @@ class PropagationSettings:
 
 
 class LazyFrames(Mapping):
-    """A session's frames, made when the model asks for one (the last few are kept)."""
+    """A session's frames, made when the model asks for one (the last few are kept); ``last`` is
+    the index asked for last (the frame a video model is working on)."""
 
     def __init__(self, make: Callable[[int], torch.Tensor], count: int, keep: int = 2):
         self.make, self.count, self.keep = make, count, keep
         self.recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.last: int | None = None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < self.count:
             raise KeyError(index)
+        self.last = index
         if index not in self.recent:
             self.recent[index] = self.make(index)
             while len(self.recent) > self.keep:
@@ -85,120 +95,201 @@ class LazyFrames(Mapping):
         return iter(range(self.count))
 
 
-class VolumePropagator:
-    """Propagation through any sequence of frames (model pixels, made lazily) with a
-    ``Sam3VideoModel``; callers map the low-resolution probabilities back to their own grid."""
+class VisionPass:
+    """The detector backbone's outputs (``Sam3Model.get_vision_features``) for a volume's slices,
+    each computed once while held: a slice not held is computed with the next ``batch_size - 1``
+    slices in the direction of travel, in one backbone call. Callers ``release`` what no clip or
+    sweep will read again; ``computed`` counts the slices run through the backbone."""
 
-    def __init__(self, video_model, tokenizer, settings: PropagationSettings):
+    def __init__(self, video_model, pixels: Callable[[int], torch.Tensor], depth: int, batch_size: int):
+        self.video, self.pixels, self.depth, self.batch = video_model, pixels, depth, max(1, int(batch_size))
+        detector = video_model.detector_model
+        self.backbone = type(detector).get_vision_features.__get__(detector)  # the model's own, never a swap
+        self.held: dict[int, Any] = {}
+        self.computed = 0
+
+    @torch.inference_mode()
+    def get(self, k: int, step: int = 1) -> Any:
+        if k not in self.held:
+            todo = [j for j in range(k, k + step * self.batch, step) if 0 <= j < self.depth and j not in self.held]
+            pixels = torch.stack([self.pixels(j) for j in todo]).to(self.video.device, self.video.dtype)
+            output = self.backbone(pixel_values=pixels)
+            for i, j in enumerate(todo):
+                self.held[j] = take_batch(output, slice(i, i + 1))
+            self.computed += len(todo)
+        return self.held[k]
+
+    def release(self, keep: Callable[[int], bool]) -> None:
+        for k in [k for k in self.held if not keep(k)]:
+            del self.held[k]
+
+
+# Sam3VideoModel runs the backbone and the detector inside each frame's step, with no argument to
+# hand them in: while a text session runs they answer from a VisionPass and a detections cache.
+# The swap is on the shared model, so one propagation at a time holds it.
+_DETECTOR_SWAP = threading.Lock()
+
+
+class VolumePropagator:
+    """Propagation through a volume's slices (model pixels, made lazily) with a
+    ``Sam3VideoModel``; callers map the low-resolution probabilities back to their own grid.
+    ``batch_size``: slices per backbone call."""
+
+    def __init__(self, video_model, tokenizer, settings: PropagationSettings, batch_size: int = 1):
         self.video, self.tokenizer, self.settings = video_model, tokenizer, settings
+        self.batch_size = max(1, int(batch_size))
         self.tracker = video_model.tracker_model
         self.device, self.dtype = video_model.device, video_model.dtype
         self.size = int(self.tracker.image_size)
         # memories the tracker still reads: its memory bank and its object pointers
         self.window = max(self.tracker.num_maskmem, self.tracker.config.max_object_pointers_in_encoder)
+        self.vision: VisionPass | None = None  # the last call's (its ``computed`` count)
 
     # --- text: clips started by the detector -----------------------------------------------
 
-    def text(self, frames: Callable[[range], LazyFrames], depth: int, prompt: str
-             ) -> Iterator[tuple[int, torch.Tensor, float]]:
-        """(slice, fused probability (low-res square), best score) for every slice, each once,
-        as soon as no later clip covers it. ``frames(indices)`` makes a clip's frames."""
+    def text(self, pixels: Callable[[int], torch.Tensor], depth: int, prompts: list[str]
+             ) -> Iterator[tuple[int, int, torch.Tensor, float]]:
+        """(prompt index, slice, fused probability (low-res square), best score) for every prompt
+        and slice, each once, as soon as no later clip covers the slice. ``pixels(k)``: slice k's
+        model pixels. Clip by clip, every prompt and direction reads one vision pass, and each
+        prompt's detections on a slice are made once; both are dropped when the next clip
+        starts above the slice, so at most clip_length + batch_size - 1 slices are held."""
         from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
-        tokens = tokenize(self.tokenizer, [prompt])
+        tokens = [tokenize(self.tokenizer, [prompt]) for prompt in prompts]
         side = self.video.low_res_mask_size
-        pending: dict[int, list] = {}  # slice → [sum of probabilities, count, best score]
+        vision = self.vision = VisionPass(self.video, pixels, depth, self.batch_size)
+        detections: dict[tuple[int, int], Any] = {}  # (prompt, slice) → the detector's outputs there
+        pending: dict[tuple[int, int], list] = {}  # (prompt, slice) → [sum of probabilities, count, best score]
         clips = self.settings.clips(depth)
         for c, clip in enumerate(clips):
             runs = [(0, False)] + ([(len(clip), True)] if self.settings.directions == "both" else [])
-            for start, reverse in runs:  # a fresh session per run: clips and directions are independent
-                session = Sam3VideoInferenceSession(video_height=self.size, video_width=self.size,
-                                                    inference_device=self.device,
-                                                    inference_state_device=self.device, dtype=self.dtype)
-                session.processed_frames = frames(clip)
-                prompt_id = session.add_prompt(prompt)
-                session.prompt_input_ids[prompt_id] = tokens["input_ids"].to(self.device)
-                session.prompt_attention_masks[prompt_id] = tokens["attention_mask"].to(self.device)
-                for out in self.video.propagate_in_video_iterator(session, start_frame_idx=start, reverse=reverse):
-                    masks = list(out.obj_id_to_mask.values())
-                    prob = (torch.stack(masks).float().sigmoid().amax(dim=0).reshape(side, side) if masks
-                            else torch.zeros(side, side, device=self.device))
-                    score = max((float(v) for v in out.obj_id_to_score.values()), default=0.0)
-                    entry = pending.setdefault(clip[out.frame_idx], [0.0, 0, 0.0])
-                    entry[0], entry[1], entry[2] = entry[0] + prob, entry[1] + 1, max(entry[2], score)
+            for p, ids in enumerate(tokens):
+                for start, reverse in runs:  # a fresh session per run: clips and directions are independent
+                    session = Sam3VideoInferenceSession(video_height=self.size, video_width=self.size,
+                                                        inference_device=self.device,
+                                                        inference_state_device=self.device, dtype=self.dtype)
+                    frames = session.processed_frames = LazyFrames(lambda i, clip=clip: pixels(clip[i]), len(clip))
+                    prompt_id = session.add_prompt(prompts[p])
+                    session.prompt_input_ids[prompt_id] = ids["input_ids"].to(self.device)
+                    session.prompt_attention_masks[prompt_id] = ids["attention_mask"].to(self.device)
+                    with self._shared_detector(vision, detections, lambda p=p, clip=clip, frames=frames:
+                                               (p, clip[frames.last])):
+                        outputs = list(self.video.propagate_in_video_iterator(
+                            session, start_frame_idx=start, reverse=reverse))
+                    for out in outputs:
+                        masks = list(out.obj_id_to_mask.values())
+                        prob = (torch.stack(masks).float().sigmoid().amax(dim=0).reshape(side, side) if masks
+                                else torch.zeros(side, side, device=self.device))
+                        score = max((float(v) for v in out.obj_id_to_score.values()), default=0.0)
+                        entry = pending.setdefault((p, clip[out.frame_idx]), [0.0, 0, 0.0])
+                        entry[0], entry[1], entry[2] = entry[0] + prob, entry[1] + 1, max(entry[2], score)
             done_below = clips[c + 1].start if c + 1 < len(clips) else depth
-            for k in sorted(k for k in pending if k < done_below):
-                total, count, score = pending.pop(k)
-                yield k, total / count, score
+            vision.release(lambda k, low=done_below: k >= low)
+            for key in [key for key in detections if key[1] < done_below]:
+                del detections[key]
+            for p, k in sorted(key for key in pending if key[1] < done_below):
+                total, count, score = pending.pop((p, k))
+                yield p, k, total / count, score
+
+    @contextmanager
+    def _shared_detector(self, vision: VisionPass, detections: dict, key: Callable[[], tuple[int, int]]):
+        """While a text session runs, the video model's backbone answers from ``vision`` and its
+        detector from ``detections`` (filled on first use), for the frame ``key()`` names."""
+        video, detector = self.video, self.video.detector_model
+        run_detection = video.run_detection
+
+        def vision_features(pixel_values: torch.Tensor, **_: Any):
+            return vision.get(key()[1])
+
+        def detect(inference_session, vision_embeds):
+            found = key()
+            if found not in detections:
+                detections[found] = run_detection(inference_session=inference_session, vision_embeds=vision_embeds)
+            return detections[found]
+
+        with _DETECTOR_SWAP:
+            detector.get_vision_features, video.run_detection = vision_features, detect
+            try:
+                yield
+            finally:
+                del detector.get_vision_features, video.run_detection
 
     # --- seeds: the tracker prompted on one slice (boxes and clicks) ----------------------------
 
-    def seeded(self, frames: LazyFrames, seeds: list[tuple[list[float] | None, list[list[float]] | None]], z: int
-               ) -> Iterator[tuple[int, list[tuple[torch.Tensor, float]]]]:
-        """Objects seeded on frame ``z``, each by a box (xyxy) and/or clicks ([x, y, label], label 1
-        foreground, 0 background), all in model pixels → per frame, from ``z`` to the end and then
-        back to the start: each object's (probability (low-res square), object score); an object
-        the tracker scores as absent has probability 0 there."""
+    def seeded(self, pixels: Callable[[int], torch.Tensor], depth: int,
+               groups: list[tuple[int, list[tuple[list[float] | None, list[list[float]] | None]]]]
+               ) -> Iterator[tuple[int, int, list[tuple[torch.Tensor, float]]]]:
+        """``groups``: (slice z, objects seeded on it, each by a box (xyxy) and/or clicks ([x, y,
+        label], label 1 foreground, 0 background), all in model pixels) → (group, frame, each
+        object's (probability (low-res square), object score)); an object the tracker scores as
+        absent has probability 0 there. Each group's session runs from its z to the end and then
+        back to the start, as alone; the groups advance together, so a slice goes through the
+        backbone once per sweep: once, or twice when it lies between the lowest and the highest z."""
+        for z, _ in groups:
+            if not 0 <= z < depth:
+                raise ValueError(f"seed slice z={z} is outside the volume's {depth} slices")
+        vision = self.vision = VisionPass(self.video, pixels, depth, self.batch_size)
+        sessions = [self._seeded_session(pixels, depth, z, objects) for z, objects in groups]
+        sweeps = [(range(min(z for z, _ in groups), depth), False),
+                  (range(max(z for z, _ in groups) - 1, -1, -1), True)]
+        for order, reverse in sweeps:
+            for k in order:
+                for g, ((z, objects), session) in enumerate(zip(groups, sessions, strict=True)):
+                    if (k < z) == reverse:
+                        yield g, k, self._track(session, vision.get(k, -1 if reverse else 1), k, reverse,
+                                                len(objects))
+                vision.release(lambda j, k=k, reverse=reverse: j < k if reverse else j > k)
+
+    def _seeded_session(self, pixels, depth: int, z: int, objects):
         from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
             Sam3TrackerVideoInferenceSession,
         )
 
-        depth = len(frames)
-        if not 0 <= z < depth:
-            raise ValueError(f"seed slice z={z} is outside the volume's {depth} slices")
         session = Sam3TrackerVideoInferenceSession(video_height=self.size, video_width=self.size,
                                                    inference_device=self.device,
                                                    inference_state_device=self.device, dtype=self.dtype)
-        session.processed_frames = frames
-        for obj_id, (box, clicks) in enumerate(seeds):
+        session.processed_frames = LazyFrames(pixels, depth)
+        for obj_id, (box, clicks) in enumerate(objects):
             # SAM's prompt encoder: a box is its two corners (labels 2 and 3), clicks are points (1 / 0)
             coords = ([box[:2], box[2:]] if box is not None else []) + [c[:2] for c in clicks or []]
             labels = ([2, 3] if box is not None else []) + [int(c[2]) for c in clicks or []]
             session.add_point_inputs(session.obj_id_to_idx(obj_id), z, {
                 "point_coords": torch.tensor(coords, dtype=torch.float32, device=self.device)[None, None],
                 "point_labels": torch.tensor(labels, dtype=torch.int32, device=self.device)[None, None]})
-        session.obj_with_new_inputs = list(range(len(seeds)))
-        order = [(k, False) for k in range(z, depth)] + [(k, True) for k in range(z - 1, -1, -1)]
-        for k, reverse in order:
-            self._cache_features(session, frames, k)
-            out = self.tracker(inference_session=session, frame_idx=k, reverse=reverse)
-            logits = out.pred_masks.reshape(len(seeds), -1, *out.pred_masks.shape[-2:])[:, 0].float()
-            present = out.object_score_logits.reshape(len(seeds), -1)[:, 0].float()
-            yield k, [(mask.sigmoid() if score > 0 else torch.zeros_like(mask), float(score.sigmoid()))
-                      for mask, score in zip(logits, present, strict=True)]
-            self._forget(session, k)
+        session.obj_with_new_inputs = list(range(len(objects)))
+        return session
 
     @torch.inference_mode()
-    def _cache_features(self, session, frames: LazyFrames, k: int) -> None:
-        """The shared backbone runs once per frame; the tracker reads its own neck's features."""
-        pixels = frames[k][None].to(self.device, self.dtype)
-        vision = self.video.detector_model.get_vision_features(pixel_values=pixels)
+    def _track(self, session, vision, k: int, reverse: bool, count: int) -> list[tuple[torch.Tensor, float]]:
+        """One tracker step on frame k, its backbone outputs given; then the memories it can no
+        longer attend to are dropped (bounded memory on deep volumes)."""
         feats, pos = self.video.get_vision_features_for_tracker(vision_embeds=vision)
         session.cache.cache_vision_features(k, {"vision_feats": feats, "vision_pos_embeds": pos})
-
-    def _forget(self, session, k: int) -> None:
-        """Drop tracked frames the tracker can no longer attend to (bounded memory on deep volumes)."""
+        out = self.tracker(inference_session=session, frame_idx=k, reverse=reverse)
+        logits = out.pred_masks.reshape(count, -1, *out.pred_masks.shape[-2:])[:, 0].float()
+        present = out.object_score_logits.reshape(count, -1)[:, 0].float()
         for outputs in session.output_dict_per_obj.values():
-            stale = [f for f in outputs["non_cond_frame_outputs"] if abs(f - k) > self.window]
-            for f in stale:
+            for f in [f for f in outputs["non_cond_frame_outputs"] if abs(f - k) > self.window]:
                 del outputs["non_cond_frame_outputs"][f]
+        return [(mask.sigmoid() if score > 0 else torch.zeros_like(mask), float(score.sigmoid()))
+                for mask, score in zip(logits, present, strict=True)]
 
 
-def square_frames(squares: Callable[[int], np.ndarray], size: int) -> Callable[[range], LazyFrames]:
-    """``squares(k)``: slice k's stored square → a clip's lazily made model pixels."""
-    def clip(indices: range) -> LazyFrames:
-        return LazyFrames(lambda i: torch.from_numpy(model_pixels(squares(indices[i]), size)), len(indices))
-
-    return clip
+def square_pixels(squares: Callable[[int], np.ndarray], size: int) -> Callable[[int], torch.Tensor]:
+    """``squares(k)``: slice k's stored square → slice k's model pixels."""
+    return lambda k: torch.from_numpy(model_pixels(squares(k), size))
 
 
 class CasePropagation:
     """Propagation on a scan for a :class:`~medsam3.inference.Segmenter` whose checkpoint has a
-    tracker: frames from the volume's planes, masks back on the planes' own pixels."""
+    tracker: frames from the volume's planes, masks back on the planes' own pixels. Prompts with
+    one intensity window share each slice's vision pass."""
 
     def __init__(self, segmenter, case: Case, intensity: Intensity, settings: PropagationSettings):
         self.seg, self.case, self.intensity = segmenter, case, intensity
-        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings)
+        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings,
+                                           batch_size=int(segmenter.cfg.batch_size))
         self.threshold = settings.mask_threshold
         prep = segmenter.prep
         self.depth = prep.num_slices(case)
@@ -207,10 +298,16 @@ class CasePropagation:
         self.content = (new_h / prep.square, new_w / prep.square)
         self.to_model = self.propagator.size / max(self.out_hw)  # plane pixels → model pixels
 
-    def frames(self, window: str) -> Callable[[range], LazyFrames]:
+    def pixels(self, window: str) -> Callable[[int], torch.Tensor]:
         prep = self.seg.prep
-        return square_frames(lambda k: prep.plans.square(prep.plane(self.case, k), self.intensity, window, None),
+        return square_pixels(lambda k: prep.plans.square(prep.plane(self.case, k), self.intensity, window, None),
                              self.propagator.size)
+
+    def by_window(self, results: list[PromptResult]) -> dict[str, list[int]]:
+        windows: dict[str, list[int]] = {}
+        for i, result in enumerate(results):
+            windows.setdefault(self.seg.window(result.prompt, self.case.modality), []).append(i)
+        return windows
 
     def write(self, result: PromptResult, k: int, prob: torch.Tensor, score: float) -> None:
         grid = masks_to_grid(prob[None, None].float(), self.out_hw, self.content)[0, 0] > self.threshold
@@ -218,22 +315,25 @@ class CasePropagation:
         result.mask[(slice(None),) * self.seg.prep.axis + (k,)] = undisplay_slice(mask)
         result.slice_scores[k] = score if mask.any() else 0.0
 
-    def text(self, result: PromptResult) -> None:
-        frames = self.frames(self.seg.window(result.prompt, self.case.modality))
-        for k, prob, score in self.propagator.text(frames, self.depth, result.prompt):
-            self.write(result, k, prob, score)
+    def text(self, results: list[PromptResult]) -> None:
+        for window, members in self.by_window(results).items():
+            prompts = [results[i].prompt for i in members]
+            for p, k, prob, score in self.propagator.text(self.pixels(window), self.depth, prompts):
+                self.write(results[members[p]], k, prob, score)
 
     def seeded(self, results: list[PromptResult],
                seeds: dict[int, tuple[list[float] | None, list[list[float]] | None, int]]) -> None:
         """``seeds``: prompt index → (box, clicks [x, y, label]; both in plane pixels, either may be
         None, slice index); objects seeded on one slice with one window share a tracker session."""
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, (_, _, z) in seeds.items():
-            groups.setdefault((z, self.seg.window(results[i].prompt, self.case.modality)), []).append(i)
-        for (z, window), members in groups.items():
-            scaled = [([v * self.to_model for v in box] if box is not None else None,
-                       [[x * self.to_model, y * self.to_model, label] for x, y, label in clicks or []] or None)
-                      for box, clicks, _ in (seeds[i] for i in members)]
-            for k, answers in self.propagator.seeded(self.frames(window)(range(self.depth)), scaled, z):
-                for i, (prob, score) in zip(members, answers, strict=True):
+        seeded = sorted(seeds)
+        for window, members in self.by_window([results[i] for i in seeded]).items():
+            groups: dict[int, list[int]] = {}
+            for m in members:
+                groups.setdefault(seeds[seeded[m]][2], []).append(seeded[m])
+            order = sorted(groups)
+            scaled = [(z, [([v * self.to_model for v in box] if box is not None else None,
+                            [[x * self.to_model, y * self.to_model, label] for x, y, label in clicks or []] or None)
+                           for box, clicks, _ in (seeds[i] for i in groups[z])]) for z in order]
+            for g, k, answers in self.propagator.seeded(self.pixels(window), self.depth, scaled):
+                for i, (prob, score) in zip(groups[order[g]], answers, strict=True):
                     self.write(results[i], k, prob, score)

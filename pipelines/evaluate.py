@@ -216,7 +216,8 @@ class VolumePredictor:
             raise EvaluateError(f"{checkpoint}: an image model has no tracker for modes "
                                 f"{[m for m in cfg['modes'] if m in VOLUME_MODES]}; export it with a tracker")
         settings = PropagationSettings.from_config(cfg.get("propagate"))
-        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings)
+        self.propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings,
+                                           batch_size=int(cfg["batch_size"]))
         self.modes = [m for m in cfg["modes"] if m in VOLUME_MODES]
         self.threshold = settings.mask_threshold
         self.tolerance_mm = float(cfg["tolerance_mm"])
@@ -224,23 +225,24 @@ class VolumePredictor:
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch.nn.functional as F
 
-        from medsam3.propagate import square_frames
+        from medsam3.propagate import square_pixels
 
         order = np.argsort(group["slice_index"])
         batch = {k: v[order] for k, v in group.items()}
         rows = decode_batch(batch)
         images, side, depth = rows["image"], rows["image"].shape[1], len(order)
-        frames = square_frames(lambda k: images[k], self.propagator.size)
+        pixels = square_pixels(lambda k: images[k], self.propagator.size)
         out: dict[str, list] = {k: [] for k in ("mode", "pred", "score", "gt", *ROW_KEYS)}
         areas = rows["mask"].reshape(depth, -1).sum(1)
         for mode in self.modes:
             if mode == "propagate+box" and areas.any():
                 z = int(np.argmax(areas))
                 box = [float(v) * self.propagator.size / side for v in batch["box"][z]]
-                tracked = self.propagator.seeded(frames(range(depth)), [(box, None)], z)
-                answers = ((k, *found[0]) for k, found in tracked)
+                tracked = self.propagator.seeded(pixels, depth, [(z, [(box, None)])])
+                answers = ((k, *found[0]) for _, k, found in tracked)
             else:  # text only (and a structure absent from every slice has no box to give)
-                answers = self.propagator.text(frames, depth, str(batch["prompt"][0]))
+                answers = ((k, prob, score) for _, k, prob, score in
+                           self.propagator.text(pixels, depth, [str(batch["prompt"][0])]))
             for k, prob, score in sorted(answers, key=lambda a: a[0]):
                 grid = F.interpolate(prob[None, None].float(), size=(side, side), mode="bilinear",
                                      align_corners=False)[0, 0] > self.threshold

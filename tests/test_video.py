@@ -3,6 +3,7 @@ clip training of its detector and tracker under Ray Train + DeepSpeed ZeRO-3 on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -129,6 +130,83 @@ def test_lazy_frames_make_frames_on_demand_and_keep_few():
         frames[100]
 
 
+def _random_video(keep_detections: bool):
+    """The tiny video preset with a random tracker; ``keep_detections``: every detector query kept
+    (thresholds 0), so text-started clips run the tracker on the objects the detector adds."""
+    torch.manual_seed(0)
+    video = assemble_video_model(build_model("tiny_video"), None, "tiny_video", allow_random_tracker=True).eval()
+    if keep_detections:
+        video.score_threshold_detection = video.new_det_thresh = 0.0
+    return video, build_word_tokenizer(["lesion", "liver"])
+
+
+def _volume(depth: int, size: int):
+    """Random model pixels with a bright block moving through the slices (something to find)."""
+    rng = torch.Generator().manual_seed(1)
+    volume = torch.randn(depth, 3, size, size, generator=rng) * 0.3
+    for k in range(depth):
+        volume[k, :, 60 + 3 * k:130 + 3 * k, 70:150] += 2.0
+    return lambda k: volume[k]
+
+
+def _per_session_passes(monkeypatch):
+    """Text sessions without the shared vision pass and detections: transformers runs the backbone
+    and the detector on every frame of every session itself."""
+    from medsam3.propagate import VolumePropagator
+
+    monkeypatch.setattr(VolumePropagator, "_shared_detector", lambda *_: contextlib.nullcontext())
+
+
+def _assert_same_text_answers(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, (prob, score) in want.items():
+        torch.testing.assert_close(got[key][0], prob, atol=2e-4, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+        assert got[key][1] == pytest.approx(score, abs=2e-4), key
+
+
+def test_text_propagation_runs_each_slice_through_the_backbone_once(monkeypatch):
+    """Two prompts, 13 slices in clips of 8 overlapping by 4, both directions: each slice goes
+    through the backbone once (batches of 4), and the answers are those of sessions that each run
+    the backbone and the detector on every frame themselves (one prompt at a time)."""
+    from medsam3.propagate import VolumePropagator
+
+    video, tokenizer = _random_video(keep_detections=True)
+    pixels, prompts = _volume(13, 224), ["lesion", "liver"]
+    shared = VolumePropagator(video, tokenizer, PropagationSettings(), batch_size=4)
+    got = {(p, k): (prob, score) for p, k, prob, score in shared.text(pixels, 13, prompts)}
+    assert shared.vision.computed == 13 and not shared.vision.held
+    assert sum(float(prob.max()) > 0.5 for prob, _ in got.values()) > 5  # the tracker's masks, not zeros
+    _per_session_passes(monkeypatch)
+    want = {}
+    for p, prompt in enumerate(prompts):
+        alone = VolumePropagator(video, tokenizer, PropagationSettings(), batch_size=1)
+        want |= {(p, k): (prob, score) for _, k, prob, score in alone.text(pixels, 13, [prompt])}
+    _assert_same_text_answers(got, want)
+
+
+def test_seeds_on_different_slices_share_the_vision_pass_and_answer_as_alone():
+    """Objects seeded on slices 3 and 8 (a box; a box and a click): the sessions advance together,
+    each slice goes through the backbone once per sweep (slices 3-7 twice), and every object's
+    answers are those of its slice's session run alone."""
+    from medsam3.propagate import VolumePropagator
+
+    video, tokenizer = _random_video(keep_detections=False)
+    pixels = _volume(13, 224)
+    groups = [(3, [([60.0, 70.0, 140.0, 150.0], None)]),
+              (8, [([80.0, 60.0, 160.0, 150.0], None), (None, [[110.0, 100.0, 1]])])]
+    together = VolumePropagator(video, tokenizer, PropagationSettings(), batch_size=4)
+    got = {(g, k): answers for g, k, answers in together.seeded(pixels, 13, groups)}
+    assert together.vision.computed == 13 + (8 - 3) and len(got) == 2 * 13
+    for g, group in enumerate(groups):
+        alone = VolumePropagator(video, tokenizer, PropagationSettings(), batch_size=1)
+        for _, k, answers in alone.seeded(pixels, 13, [group]):
+            for (prob, score), (want, want_score) in zip(got[(g, k)], answers, strict=True):
+                torch.testing.assert_close(prob, want, atol=2e-4, rtol=0)
+                assert score == pytest.approx(want_score, abs=2e-4)
+        assert alone.vision.computed == 13
+    assert any(float(prob.max()) > 0.5 for answers in got.values() for prob, _ in answers)
+
+
 def test_a_video_model_needs_trained_tracker_weights(tmp_path):
     detector = build_model("tiny_video")
     with pytest.raises(CheckpointError, match="no tracker weights"):
@@ -208,8 +286,6 @@ def test_training_takes_the_mask_inference_takes(monkeypatch):
     """The seed slice's mask in a training forward is the one the eval-mode forward (inference)
     returns, also where the decoder's single mask is unstable and inference falls back to a
     multimask output (a random tracker here): that fallback mask is what training must teach."""
-    import contextlib
-
     from medsam3 import clip_model
 
     torch.manual_seed(0)
@@ -280,6 +356,31 @@ def test_a_box_seeded_on_the_middle_slice_is_tracked_through_the_lesion(clip_tra
     # (reported beside propagation in the README; here both must find the lesion)
     sliced = segmenter.segment(case, ["lesion"], [f"{box}@z={z}"], mode="slices")[0]
     assert dice(sliced.mask, gt) > 0.5
+
+
+@pytest.mark.slow
+def test_text_propagation_on_the_trained_lesion_answers_as_per_session_passes(clip_trained, monkeypatch):
+    """The clip-trained model on its lesion volume, where the detector finds the lesion: the shared
+    vision pass and detections give the answers of sessions that compute every frame themselves."""
+    from medsam3.propagate import VolumePropagator, square_pixels
+
+    _, model, scans, _ = clip_trained
+    segmenter = Segmenter(model, inference_config())
+    case = read_scan(scans / LESION_CASE).case
+    prep, intensity = segmenter.prep, segmenter.prep.intensity(case)
+    window = segmenter.window("lesion", case.modality)
+    settings = PropagationSettings.from_config(segmenter.cfg.propagate)
+
+    def answers(batch_size: int) -> dict:
+        propagator = VolumePropagator(segmenter.video, segmenter.tokenizer, settings, batch_size=batch_size)
+        pixels = square_pixels(lambda k: prep.plans.square(prep.plane(case, k), intensity, window, None),
+                               propagator.size)
+        return {k: (prob, score) for _, k, prob, score in propagator.text(pixels, prep.num_slices(case), ["lesion"])}
+
+    got = answers(8)
+    assert sum(score > 0.5 for _, score in got.values()) >= 3  # the detector finds the lesion
+    _per_session_passes(monkeypatch)
+    _assert_same_text_answers(got, answers(1))
 
 
 @pytest.mark.slow
