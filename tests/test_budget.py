@@ -20,6 +20,17 @@ def test_slow_call():
 
 def test_slow_fixture(slow_fixture):
     pass
+
+@pytest.fixture
+def part_one():
+    time.sleep(0.3)
+
+@pytest.fixture
+def part_two():
+    time.sleep(0.3)
+
+def test_two_fixtures_each_within_the_budget(part_one, part_two):
+    pass
 """
 
 
@@ -31,7 +42,7 @@ def test_a_test_or_fixture_over_the_budget_fails_naming_it(pytester):
                           "    config.pluginmanager.register(budget, 'budget')\n")
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.assert_outcomes(passed=2, failed=1, errors=1)
     text = result.stdout.str()
     assert "its call took 1 s" in text and "fixture slow_fixture took 1 s" in text
     assert "budget of 0 s (0 s × this machine's slowness 1.00" in text
