@@ -44,6 +44,7 @@ class Budget:
         self.budget_s, self.measure = budget_s, measure
         self.slowness = max(1.0, measure() / REFERENCE_S)
         self.fixtures: list[tuple[str, float]] = []  # set up during the current test's setup
+        self.slowest_fixtures: list[tuple[float, str]] = []
 
     def limit(self) -> float:
         return self.budget_s * self.slowness
@@ -61,6 +62,7 @@ class Budget:
         # a fixture's own time names the one to make faster; the phase's time catches the rest
         timed = [(f"its {report.when}", report.duration)]
         if report.when == "setup":
+            self.slowest_fixtures = sorted(self.slowest_fixtures + [(t, name) for name, t in self.fixtures])[-3:]
             outside = report.duration - sum(seconds for _, seconds in self.fixtures)
             timed, self.fixtures = [("its setup outside fixtures", outside), *self.fixtures], []
         if not report.passed or all(seconds <= self.limit() for _, seconds in timed):
@@ -76,3 +78,7 @@ class Budget:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_line(f"time budget per test: {self.limit():.0f} s "
                                     f"({self.budget_s:.0f} s × measured slowness {self.slowness:.2f})")
+        if self.slowest_fixtures:
+            slowest = reversed(self.slowest_fixtures)
+            terminalreporter.write_line("slowest fixtures: " + ", ".join(
+                f"{name.removeprefix('fixture ')} {seconds:.0f} s" for seconds, name in slowest))
