@@ -10,8 +10,8 @@ Prints, measured in one run on this machine:
     text-started clips, with a detector that finds nothing and one that keeps every detection,
     each also with per-session backbone passes) against ``slices`` on the same 512×512×600 volume,
     with the tiny video model, and each run's peak RSS (a fresh process per run, so each peak is
-    its own); ``--full-3d N`` adds seconds per slice of the full-size preset on N slices.
-    ``--only-3d`` runs (d) alone, ``--no-3d`` everything but (d).
+    its own); ``--full-3d N`` measures seconds per slice of the full-size preset on N slices
+    instead. ``--only-3d`` runs (d) alone, ``--no-3d`` everything but (d).
 Each ratio is the median over interleaved repeats, since shared machines are noisy. The figures
 are also written as JSON (``--json``, default ``benchmarks/results/inference.json``; one section
 per part, a run replaces only the parts it ran).
@@ -62,6 +62,13 @@ SECTIONS = {
                     "passes) against `mode=slices` on one deep CT volume with the tiny video model, each run in a "
                     "fresh process; optionally seconds per slice of the full-size preset.",
         "run": "python benchmarks/inference.py --only-3d",
+    },
+    "3d_full": {
+        "title": "3D with the full-size model: propagate against slices",
+        "measures": "Seconds per slice of `mode=slices` and of text-started clips (vision pass shared, and per-session "
+                    "passes) with the full-size `sam3` preset (random weights, fp32) on a few slices of a CT volume, "
+                    "CPU.",
+        "run": "python benchmarks/inference.py --full-3d 4",
     },
 }
 
@@ -152,7 +159,7 @@ def _timed_run(checkpoint: str, depth: int, mode: str, box: str | None, shared: 
     queue.put((depth / (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def propagation_table(depth: int, repeats: int, json_path: str | None = None, full_depth: int = 0) -> None:
+def propagation_table(depth: int, repeats: int, json_path: str | None = None) -> None:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -175,19 +182,6 @@ def propagation_table(depth: int, repeats: int, json_path: str | None = None, fu
                                ["mode", "slices/s", "vs `slices`", "peak resident set"], rows)]
         targets = [record.target(f"text clips / slices, {case}", _ratio(found, f"{text}; {case}"), ">= 0.5")
                    for case in ("nothing found", "every detection kept")]
-        if full_depth:
-            full = str(video_checkpoint(Path(tmp) / "sam3", preset="sam3"))
-            runs = {"slices (text)": (full, "slices", None, True),
-                    f"{text}; nothing found": (full, "propagate", None, True),
-                    f"{text}; nothing found; per-session passes": (full, "propagate", None, False)}
-            found = timed_runs(context, runs, full_depth, 1, f"\n(d) full-size sam3 preset on a "
-                               f"512x512x{full_depth} CT volume, fp32, CPU:")
-            tables.append(record.table(
-                f"a 512×512×{full_depth} CT volume, full-size `sam3` preset (detector and tracker) with random "
-                "weights, fp32, CPU, "
-                "one run each in a fresh process", ["mode", "seconds per slice", "vs `slices`", "peak resident set"],
-                [[name, f"{1 / rate:.1f}", f"{rate / found['slices (text)'][0][0]:.2f}×", f"{peak:,.0f} MB"]
-                 for name, [(rate, peak)] in found.items()]))
     record.write_section(
         json_path or record.default_path(__file__), __file__, SECTIONS, "3d", tables=tables, targets=targets,
         notes=["\"per-session passes\": every text session runs the backbone and the detector on each of its frames "
@@ -195,6 +189,29 @@ def propagation_table(depth: int, repeats: int, json_path: str | None = None, fu
                "otherwise one vision pass per slice is shared by every clip and direction.",
                "\"every detection kept\": the random detector saved with its detection thresholds at 0, so the "
                "clips track the objects it adds (the tracker's path); \"nothing found\": its own thresholds."])
+
+
+def full_size_table(depth: int, json_path: str) -> None:
+    """Seconds per slice of the full-size preset (random weights, fp32, CPU) on a few slices:
+    ``slices`` against text clips, with the vision pass shared and with per-session passes."""
+    import multiprocessing
+
+    text = "propagate, text clips (8 slices, overlap 4, both directions); nothing found"
+    with tempfile.TemporaryDirectory() as tmp:
+        full = str(video_checkpoint(Path(tmp) / "sam3", preset="sam3"))
+        runs = {"slices (text)": (full, "slices", None, True), text: (full, "propagate", None, True),
+                f"{text}; per-session passes": (full, "propagate", None, False)}
+        found = timed_runs(multiprocessing.get_context("spawn"), runs, depth, 1,
+                           f"\n(d) full-size sam3 preset on a 512x512x{depth} CT volume, fp32, CPU:")
+    base = found["slices (text)"][0][0]
+    rows = [[name, f"{1 / rate:.1f}", f"{rate / base:.2f}×", f"{peak:,.0f} MB"]
+            for name, [(rate, peak)] in found.items()]
+    for row in rows:
+        print("    " + "  ".join(row))
+    record.write_section(json_path, __file__, SECTIONS, "3d_full", tables=[record.table(
+        f"a 512×512×{depth} CT volume, full-size `sam3` preset (detector and tracker) with random weights, fp32, "
+        "CPU; one run each, in a fresh process", ["mode", "seconds per slice", "vs `slices`", "peak resident set"],
+        rows)])
 
 
 def timed_runs(context, runs: dict, depth: int, repeats: int, title: str) -> dict[str, list]:
@@ -236,15 +253,18 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of the 4 lesion volumes for (b)")
     parser.add_argument("--depth-3d", type=int, default=600, help="slices of the volume for (d)")
     parser.add_argument("--full-3d", type=int, default=0,
-                        help="(d) also on the full-size sam3 video preset, on a volume of this many slices (CPU: slow)")
+                        help="run (d) on the full-size sam3 preset alone, on a volume of this many slices")
     parser.add_argument("--only-3d", action="store_true", help="run (d) only")
     parser.add_argument("--no-3d", action="store_true", help="run (a)-(c) only")
     parser.add_argument("--json", default=None,
                         help="where the figures go (default: benchmarks/results/inference.json)")
     args = parser.parse_args()
     json_path = args.json or record.default_path(__file__)
+    if args.full_3d:
+        full_size_table(args.full_3d, json_path)
+        return
     if args.only_3d:
-        propagation_table(args.depth_3d, args.repeats, json_path, args.full_3d)
+        propagation_table(args.depth_3d, args.repeats, json_path)
         return
 
     import ray
@@ -318,7 +338,7 @@ def main() -> None:
         else:
             print("\n(c) no GPU here: the sam3 preset's bf16 slices/s is measured on a GPU machine")
     if not args.no_3d:
-        propagation_table(args.depth_3d, args.repeats, json_path, args.full_3d)
+        propagation_table(args.depth_3d, args.repeats, json_path)
 
 
 if __name__ == "__main__":
