@@ -127,7 +127,8 @@ def evaluate_rate(shards: Path, checkpoint: Path, actors: int, out: Path) -> flo
 def video_checkpoint(folder: Path, keep_detections: bool = False, preset: str = "tiny_video") -> Path:
     """A video model with random detector and tracker weights: the cost does not depend on the
     weights. A random detector finds nothing; ``keep_detections`` saves it with the detection
-    thresholds at 0, so text-started clips track the objects it adds (the tracker path)."""
+    thresholds at 0 and at most 2 objects, so text-started clips track the objects it adds (the
+    tracker path)."""
     import torch
 
     from medsam3.model import build_model
@@ -138,6 +139,7 @@ def video_checkpoint(folder: Path, keep_detections: bool = False, preset: str = 
     video = assemble_video_model(build_model(preset), None, preset, allow_random_tracker=True)
     if keep_detections:
         video.config.score_threshold_detection = video.config.new_det_thresh = 0.0
+        video.config.max_num_objects = 2  # a structure or two, as a prompt finds, not every query
     video.save_pretrained(folder)
     return folder
 
@@ -187,8 +189,9 @@ def propagation_table(depth: int, repeats: int, json_path: str | None = None) ->
         notes=["\"per-session passes\": every text session runs the backbone and the detector on each of its frames "
                "(about 4 times per slice with these clips), as transformers' Sam3VideoModel does on its own; "
                "otherwise one vision pass per slice is shared by every clip and direction.",
-               "\"every detection kept\": the random detector saved with its detection thresholds at 0, so the "
-               "clips track the objects it adds (the tracker's path); \"nothing found\": its own thresholds."])
+               "\"every detection kept\": the random detector saved with its detection thresholds at 0 and at most "
+               "2 objects, so the clips track the objects it adds (the tracker's path); \"nothing found\": its own "
+               "thresholds."])
 
 
 def full_size_table(depth: int, json_path: str) -> None:

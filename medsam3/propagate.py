@@ -97,25 +97,44 @@ class LazyFrames(Mapping):
 
 class VisionPass:
     """The detector backbone's outputs (``Sam3Model.get_vision_features``) for a volume's slices,
-    each computed once while held: a slice not held is computed with the next ``batch_size - 1``
-    slices in the direction of travel, in one backbone call. Callers ``release`` what no clip or
-    sweep will read again; ``computed`` counts the slices run through the backbone."""
+    each computed once while held, with the slice's model pixels and, when asked, the tracker's
+    features of it: a slice not held is computed with the next ``batch_size - 1`` slices in the
+    direction of travel, in one backbone call. Callers ``release`` what no clip or sweep will
+    read again; ``computed`` counts the slices run through the backbone."""
 
     def __init__(self, video_model, pixels: Callable[[int], torch.Tensor], depth: int, batch_size: int):
         self.video, self.pixels, self.depth, self.batch = video_model, pixels, depth, max(1, int(batch_size))
         detector = video_model.detector_model
-        self.backbone = type(detector).get_vision_features.__get__(detector)  # the model's own, never a swap
-        self.held: dict[int, Any] = {}
+        # the models' own methods, never a swap (_shared_detector)
+        self.backbone = type(detector).get_vision_features.__get__(detector)
+        self.tracker_neck = type(video_model).get_vision_features_for_tracker.__get__(video_model)
+        self.held: dict[int, dict[str, Any]] = {}
         self.computed = 0
 
     @torch.inference_mode()
     def get(self, k: int, step: int = 1) -> Any:
+        return self._slice(k, step)["vision"]
+
+    def frame(self, k: int) -> torch.Tensor:
+        """Slice k's model pixels: those of the pass when it holds the slice (nothing is computed
+        for it otherwise: a session asks for its frame before the model asks for its features)."""
+        return self.held[k]["pixels"] if k in self.held else self.pixels(k)
+
+    @torch.inference_mode()
+    def tracker_features(self, k: int, step: int = 1) -> tuple[Any, Any]:
+        held = self._slice(k, step)
+        if "tracker" not in held:
+            held["tracker"] = self.tracker_neck(vision_embeds=held["vision"])
+        return held["tracker"]
+
+    def _slice(self, k: int, step: int) -> dict[str, Any]:
         if k not in self.held:
             todo = [j for j in range(k, k + step * self.batch, step) if 0 <= j < self.depth and j not in self.held]
             pixels = torch.stack([self.pixels(j) for j in todo]).to(self.video.device, self.video.dtype)
-            output = self.backbone(pixel_values=pixels)
+            with torch.inference_mode():
+                output = self.backbone(pixel_values=pixels)
             for i, j in enumerate(todo):
-                self.held[j] = take_batch(output, slice(i, i + 1))
+                self.held[j] = {"vision": take_batch(output, slice(i, i + 1)), "pixels": pixels[i]}
             self.computed += len(todo)
         return self.held[k]
 
@@ -169,7 +188,8 @@ class VolumePropagator:
                     session = Sam3VideoInferenceSession(video_height=self.size, video_width=self.size,
                                                         inference_device=self.device,
                                                         inference_state_device=self.device, dtype=self.dtype)
-                    frames = session.processed_frames = LazyFrames(lambda i, clip=clip: pixels(clip[i]), len(clip))
+                    frames = session.processed_frames = LazyFrames(lambda i, clip=clip: vision.frame(clip[i]),
+                                                                   len(clip))
                     prompt_id = session.add_prompt(prompts[p])
                     session.prompt_input_ids[prompt_id] = ids["input_ids"].to(self.device)
                     session.prompt_attention_masks[prompt_id] = ids["attention_mask"].to(self.device)
@@ -194,13 +214,17 @@ class VolumePropagator:
 
     @contextmanager
     def _shared_detector(self, vision: VisionPass, detections: dict, key: Callable[[], tuple[int, int]]):
-        """While a text session runs, the video model's backbone answers from ``vision`` and its
-        detector from ``detections`` (filled on first use), for the frame ``key()`` names."""
+        """While a text session runs, the video model's backbone and the tracker's neck answer from
+        ``vision`` and its detector from ``detections`` (filled on first use), for the frame
+        ``key()`` names."""
         video, detector = self.video, self.video.detector_model
         run_detection = video.run_detection
 
         def vision_features(pixel_values: torch.Tensor, **_: Any):
             return vision.get(key()[1])
+
+        def tracker_features(vision_embeds: Any):
+            return vision.tracker_features(key()[1])
 
         def detect(inference_session, vision_embeds):
             found = key()
@@ -210,10 +234,11 @@ class VolumePropagator:
 
         with _DETECTOR_SWAP:
             detector.get_vision_features, video.run_detection = vision_features, detect
+            video.get_vision_features_for_tracker = tracker_features
             try:
                 yield
             finally:
-                del detector.get_vision_features, video.run_detection
+                del detector.get_vision_features, video.run_detection, video.get_vision_features_for_tracker
 
     # --- seeds: the tracker prompted on one slice (boxes and clicks) ----------------------------
 
@@ -237,8 +262,8 @@ class VolumePropagator:
             for k in order:
                 for g, ((z, objects), session) in enumerate(zip(groups, sessions, strict=True)):
                     if (k < z) == reverse:
-                        yield g, k, self._track(session, vision.get(k, -1 if reverse else 1), k, reverse,
-                                                len(objects))
+                        features = vision.tracker_features(k, -1 if reverse else 1)
+                        yield g, k, self._track(session, features, k, reverse, len(objects))
                 vision.release(lambda j, k=k, reverse=reverse: j < k if reverse else j > k)
 
     def _seeded_session(self, pixels, depth: int, z: int, objects):
@@ -261,10 +286,11 @@ class VolumePropagator:
         return session
 
     @torch.inference_mode()
-    def _track(self, session, vision, k: int, reverse: bool, count: int) -> list[tuple[torch.Tensor, float]]:
-        """One tracker step on frame k, its backbone outputs given; then the memories it can no
+    def _track(self, session, features: tuple[Any, Any], k: int, reverse: bool, count: int
+               ) -> list[tuple[torch.Tensor, float]]:
+        """One tracker step on frame k, its tracker features given; then the memories it can no
         longer attend to are dropped (bounded memory on deep volumes)."""
-        feats, pos = self.video.get_vision_features_for_tracker(vision_embeds=vision)
+        feats, pos = features
         session.cache.cache_vision_features(k, {"vision_feats": feats, "vision_pos_embeds": pos})
         out = self.tracker(inference_session=session, frame_idx=k, reverse=reverse)
         logits = out.pred_masks.reshape(count, -1, *out.pred_masks.shape[-2:])[:, 0].float()
