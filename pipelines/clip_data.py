@@ -59,7 +59,7 @@ def make_clips(group: Mapping[str, np.ndarray], length: int) -> dict[str, np.nda
 
 def clip_dataset(rows: ray.data.Dataset, length: int, in_driver: bool) -> ray.data.Dataset:
     """One row per clip of ``rows`` (shard rows); shards small enough to be held in memory are
-    grouped in the driver (``in_driver``, :func:`medsam3.ray_local.map_groups`)."""
+    grouped in the driver (``in_driver``, :func:`medsam3.ray_local.driver_groups`)."""
     import ray
 
     from medsam3.ray_local import driver_groups, group_arrays, map_groups
