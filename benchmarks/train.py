@@ -69,7 +69,6 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     """The same per-worker batches, model, loss and optimizer in this process (no Ray, no DeepSpeed)."""
     import pyarrow.dataset as pads
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
     from medsam3.losses import set_loss
@@ -77,6 +76,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from medsam3.schema import shard_files
+    from pipelines.settings import TrainSettings
     from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, train_transform
 
     enable_box_prompts()
@@ -87,7 +87,7 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, int(cfg.train.max_steps))
-    weights = OmegaConf.to_container(cfg.loss, resolve=True)
+    settings = TrainSettings.from_config(cfg)
     rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
     rng = np.random.default_rng(0)
     size, batch = 224, int(cfg.train.batch_size)
@@ -100,8 +100,8 @@ def plain_samples_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         numpy_batch = stack_rows(picked)
         started = time.perf_counter()
         inputs, targets = collate(numpy_batch, tokenizer, rngs, float(cfg.train.box_prompt_prob),
-                                  max_instances=int(cfg.loss.max_instances) or None)
-        optimizer_step(set_loss(model(**inputs), targets, weights)["loss"], model, optimizer, scheduler, cfg)
+                                  targets_from=settings.targets)
+        optimizer_step(set_loss(model(**inputs), targets, settings.loss)["loss"], model, optimizer, scheduler, cfg)
         if step >= 4:
             times.append(time.perf_counter() - started)
     return batch / statistics.median(times)
@@ -111,17 +111,17 @@ def plain_clips_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     """Clip mode's per-worker batches, model, losses and optimizer in this process."""
     import pyarrow.dataset as pads
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss
+    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss, valid_frames
     from medsam3.losses import set_loss
     from medsam3.model import enable_activation_checkpointing
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from medsam3.schema import shard_files
     from medsam3.video import build_video_model
-    from pipelines.clip_data import CLIP_KEYS, augment_clips, collate_clips, make_clips
+    from pipelines.clip_data import CLIP_KEYS, augment_clips, collate_clips, make_clips, step_seed_kind
+    from pipelines.settings import TrainSettings
     from pipelines.train_data import Augmentation
 
     enable_box_prompts()
@@ -132,7 +132,7 @@ def plain_clips_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, int(cfg.train.max_steps))
-    weights = OmegaConf.to_container(cfg.loss, resolve=True)
+    settings = TrainSettings.from_config(cfg)
     table = pads.dataset(shard_files(shards), format="parquet").to_table().to_pandas()
     length, batch = int(cfg.train.clip_length), int(cfg.train.batch_size)
     clips = []
@@ -150,10 +150,11 @@ def plain_clips_per_s(shards: Path, run_dir: Path, cfg, steps: int) -> float:
         started = time.perf_counter()
         inputs, targets, masks, valid = collate_clips(rows, tokenizer, frame_rngs, clip_rngs, valid,
                                                       float(t.box_prompt_prob), float(t.box_noise),
-                                                      float(t.box_noise_max_px), int(cfg.loss.max_instances))
+                                                      float(t.box_noise_max_px), settings.targets,
+                                                      step_seed_kind(settings.clip_seed, 0, step + 1))
         outputs = model(**inputs)
-        loss = set_loss(outputs.detector, targets, weights)["loss"]
-        optimizer_step(loss + sum(tracker_loss(outputs, masks, valid, weights).values()), model, optimizer,
+        loss = set_loss(*valid_frames(outputs.detector, targets, valid)[:2], settings.loss)["loss"]
+        optimizer_step(loss + sum(tracker_loss(outputs, masks, valid, settings.loss).values()), model, optimizer,
                        scheduler, cfg)
         if step >= 4:
             times.append(time.perf_counter() - started)

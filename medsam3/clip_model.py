@@ -8,18 +8,20 @@ gradients, teacher-forced as SAM2 trains it:
 
 1. the shared vision backbone runs once over every frame of the batch;
 2. the detector (``Sam3Model``) is prompted with the clip's text on every frame (the image loss);
-3. per clip, the tracker is seeded with the ground-truth box of a slice that shows the structure
-   (drawn per sample, so both directions train; a clip that never shows it is seeded on its
-   first slice with no prompt and taught "absent"), then tracks to the clip's end and back to
-   its start: ``_prepare_memory_conditioned_features``
-   (memory attention over the previous frames' memories and object pointers),
-   ``_single_frame_forward`` (prompt encoder + SAM mask decoder), ``_encode_new_memory`` (memory
-   encoder on the predicted mask, soft as in training), stored in a
-   ``Sam3TrackerVideoInferenceSession`` like inference does.
+3. per clip, the tracker is seeded on a slice that shows the structure (drawn per sample, so
+   both directions train) with the detector's top mask there (as Medical SAM3 seeds), the
+   ground-truth mask, its noisy box or a click (``train.clip_seed``); a clip that never shows it
+   is taught "absent" from its first slice. Then it tracks to the clip's end and back to its
+   start: ``_prepare_memory_conditioned_features`` (memory attention over the previous frames'
+   memories and object pointers), ``_single_frame_forward`` (prompt encoder + SAM mask decoder;
+   a mask seed is the seed frame's output as it is, ``_use_mask_as_output``),
+   ``_encode_new_memory`` (memory encoder on the predicted mask, soft as in training), stored in
+   a ``Sam3TrackerVideoInferenceSession`` like inference does.
 
-Every rank runs the same modules the same number of times (ZeRO-3 gathers parameters
-collectively): clips have a fixed length, and a clip shorter than it is padded with copies of
-its last frame that the loss ignores.
+Every rank runs the same modules the same number of times (ZeRO-3 gathers parameters and
+reduces their gradients collectively): one seed kind per step on every rank, and clips of a fixed
+length, a shorter clip padded with copies of its last frame that no loss counts (``valid_frames``
+for the detector, ``valid`` for the tracker).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Sam3VideoModel
@@ -62,11 +65,15 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 input_boxes: torch.Tensor | None = None, input_boxes_labels: torch.Tensor | None = None,
-                seed_frames: torch.Tensor | None = None, seed_boxes: torch.Tensor | None = None, **kwargs):
+                seed_frames: torch.Tensor | None = None, seed_kinds: torch.Tensor | None = None,
+                seed_boxes: torch.Tensor | None = None, seed_points: torch.Tensor | None = None,
+                seed_masks: torch.Tensor | None = None, **kwargs):
         """Frames of B clips of K slices, flattened clip by clip (B·K, 3, S, S), each with its
-        clip's text. ``seed_frames`` (B,): the frame the tracker is seeded on (-1: no object in the
-        clip); ``seed_boxes`` (B, 4): its box, xyxy in input pixels. Without seeds only the
-        detector runs (validation, probes) and its outputs are returned as they are."""
+        clip's text. ``seed_frames`` (B,): the frame the tracker is seeded on (-1: none);
+        ``seed_kinds`` (B,): ``pipelines.clip_data.SEED_KINDS`` codes (0 the detector's top mask
+        on the seed frame, 1 ``seed_masks`` (B, S, S), 2 ``seed_boxes`` (B, 4) xyxy, 3 one
+        positive click ``seed_points`` (B, 2) xy, in input pixels; box when absent). Without seeds
+        only the detector runs (validation, probes) and its outputs are returned as they are."""
         vision = self.detector_model.get_vision_features(pixel_values=pixel_values)
         detector = self.detector_model(vision_embeds=vision, input_ids=input_ids, attention_mask=attention_mask,
                                        input_boxes=input_boxes, input_boxes_labels=input_boxes_labels)
@@ -74,13 +81,39 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             return detector
         feats, pos = self.get_vision_features_for_tracker(vision_embeds=vision)
         clips, length = len(seed_frames), len(pixel_values) // len(seed_frames)
-        outputs = [self._track_clip([f[:, c * length:(c + 1) * length] for f in feats],
-                                    [p[:, c * length:(c + 1) * length] for p in pos],
-                                    int(seed_frames[c]), seed_boxes[c]) for c in range(clips)]
+        kinds = torch.full((clips,), 2) if seed_kinds is None else seed_kinds
+        outputs = []
+        for c in range(clips):
+            prompt = self._seed_prompt(int(kinds[c]), detector, c * length + int(seed_frames[c]), c,
+                                       seed_boxes, seed_points, seed_masks) if seed_frames[c] >= 0 else None
+            outputs.append(self._track_clip([f[:, c * length:(c + 1) * length] for f in feats],
+                                            [p[:, c * length:(c + 1) * length] for p in pos],
+                                            int(seed_frames[c]), prompt))
         masks, iou, objects = (torch.stack(parts) for parts in zip(*outputs, strict=True))
         return ClipOutputs(detector=detector, masks=masks, iou=iou, object_logits=objects)
 
-    def _track_clip(self, feats: list[torch.Tensor], pos: list[torch.Tensor], seed: int, box: torch.Tensor):
+    def _seed_prompt(self, kind: int, detector, frame: int, clip: int, boxes, points, masks) -> dict[str, torch.Tensor]:
+        """The seed frame's prompt: ``{"mask": (1, 1, S, S)}`` or ``{"points", "labels"}``."""
+        size = self.tracker_model.image_size
+        if kind == 0:  # the detector's top query (presence-gated score), as Medical SAM3 seeds: no gradient
+            with torch.no_grad():
+                score = detector.pred_logits[frame].sigmoid()
+                if detector.presence_logits is not None:
+                    score = score * detector.presence_logits[frame].sigmoid()
+                top = detector.pred_masks[frame, score.argmax()][None, None]
+                mask = F.interpolate(top.float(), size=(size, size), mode="bilinear", align_corners=False) > 0
+            return {"mask": mask.to(detector.pred_masks.dtype)}
+        if kind == 1:
+            return {"mask": masks[clip][None, None]}
+        device = detector.pred_logits.device
+        if kind == 3:
+            return {"points": points[clip].reshape(1, 1, 1, 2),
+                    "labels": torch.ones(1, 1, 1, dtype=torch.int32, device=device)}
+        return {"points": boxes[clip].reshape(1, 1, 2, 2),
+                "labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=device)}
+
+    def _track_clip(self, feats: list[torch.Tensor], pos: list[torch.Tensor], seed: int,
+                    prompt: dict[str, torch.Tensor] | None):
         from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
             Sam3TrackerVideoInferenceSession,
         )
@@ -93,10 +126,6 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
         session.processed_frames = dict.fromkeys(range(length))  # features come from the cache
         obj = session.obj_id_to_idx(0)
         start = max(seed, 0)
-        prompt = None
-        if seed >= 0:
-            prompt = {"point_coords": box.reshape(1, 1, 2, 2).to(feats[-1].dtype),
-                      "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=box.device)}
         results = {}
         order = [(k, False) for k in range(start, length)] + [(k, True) for k in range(start - 1, -1, -1)]
         for k, reverse in order:
@@ -104,20 +133,27 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             is_seed = k == start
             high_res = [x.permute(1, 2, 0).reshape(1, x.size(2), *size)
                         for x, size in zip(frame_feats[:-1], tracker.backbone_feature_sizes[:-1], strict=True)]
-            conditioned = tracker._prepare_memory_conditioned_features(
-                inference_session=session, frame_idx=k, obj_idx=obj, is_initial_conditioning_frame=is_seed,
-                current_vision_features=frame_feats[-1], current_vision_positional_embeddings=frame_pos[-1],
-                num_total_frames=length, track_in_reverse_time=reverse)
-            points = prompt if is_seed else None
-            with inference_mask_choice(tracker.mask_decoder):
-                out = tracker._single_frame_forward(
-                    input_points=None if points is None else points["point_coords"],
-                    input_labels=None if points is None else points["point_labels"],
-                    image_embeddings=high_res + [conditioned],
-                    multimask_output=tracker._use_multimask(is_seed, points))
+            prompted = prompt if is_seed else None
+            if prompted is not None and "mask" in prompted:
+                # a mask seed is the seed frame's output as it is, as transformers' session does
+                pixels = frame_feats[-1].permute(1, 2, 0).reshape(1, -1, *tracker.backbone_feature_sizes[-1])
+                out = tracker._use_mask_as_output(pixels, high_res, prompted["mask"].to(pixels.dtype))
+            else:
+                conditioned = tracker._prepare_memory_conditioned_features(
+                    inference_session=session, frame_idx=k, obj_idx=obj, is_initial_conditioning_frame=is_seed,
+                    current_vision_features=frame_feats[-1], current_vision_positional_embeddings=frame_pos[-1],
+                    num_total_frames=length, track_in_reverse_time=reverse)
+                points = None if prompted is None else {"point_coords": prompted["points"].to(feats[-1].dtype),
+                                                        "point_labels": prompted["labels"]}
+                with inference_mask_choice(tracker.mask_decoder):
+                    out = tracker._single_frame_forward(
+                        input_points=None if points is None else points["point_coords"],
+                        input_labels=None if points is None else points["point_labels"],
+                        image_embeddings=high_res + [conditioned],
+                        multimask_output=tracker._use_multimask(is_seed, points))
             memory, memory_pos = tracker._encode_new_memory(
                 current_vision_feats=frame_feats[-1], pred_masks_high_res=out.high_res_masks,
-                object_score_logits=out.object_score_logits, is_mask_from_pts=points is not None)
+                object_score_logits=out.object_score_logits, is_mask_from_pts=prompted is not None)
             session.store_output(obj, k, output_value={
                 "pred_masks": out.pred_masks, "object_pointer": out.object_pointer,
                 "maskmem_features": memory, "maskmem_pos_enc": memory_pos}, is_conditioning_frame=is_seed)
@@ -145,6 +181,22 @@ def inference_mask_choice(decoder: torch.nn.Module) -> Iterator[None]:
         decoder.training = mode
 
 
+DETECTOR_LOSS_FIELDS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
+
+
+def valid_frames(detector: ModelOutput, targets: list, valid: torch.Tensor) -> tuple[ModelOutput, list, np.ndarray]:
+    """The detector's outputs and targets on a batch's real frames only: a clip shorter than the
+    clip length is padded with copies of its last frame, which no loss may count (a short run's
+    last slice would weigh as much as several, and the padding would inflate the normaliser).
+    ``valid`` (B, K) bool, frames flattened clip by clip as in ``forward``; returns the outputs'
+    loss fields, the targets and the kept frames' indices."""
+    keep = np.flatnonzero(valid.reshape(-1).cpu().numpy())
+    index = torch.as_tensor(keep, device=detector.pred_logits.device)
+    fields = {name: getattr(detector, name)[index] for name in DETECTOR_LOSS_FIELDS
+              if getattr(detector, name, None) is not None}
+    return type(detector)(**fields), [targets[i] for i in keep], keep
+
+
 def tracker_loss(outputs: ClipOutputs, masks: torch.Tensor, valid: torch.Tensor,
                  weights: dict[str, float]) -> dict[str, torch.Tensor]:
     """SAM2's tracker losses on every valid frame, in float32: BCE on the object score; focal +
@@ -167,7 +219,7 @@ def tracker_loss(outputs: ClipOutputs, masks: torch.Tensor, valid: torch.Tensor,
     if shown.any():
         pred, gt = logits[shown], target[shown]
         terms["tracker_mask_focal"] = weights["tracker_mask_focal"] * sigmoid_focal_loss(
-            pred, gt, weights["mask_alpha"], weights["class_gamma"]).flatten(1).mean(1).sum() / count
+            pred, gt, weights["tracker_mask_alpha"], weights["tracker_mask_gamma"]).flatten(1).mean(1).sum() / count
         terms["tracker_mask_dice"] = weights["tracker_mask_dice"] * dice_loss(pred, gt).sum() / count
         with torch.no_grad():
             hard = (pred > 0).float()

@@ -38,7 +38,7 @@ from medsam3.model import (
     take_batch,
     tokenize,
 )
-from medsam3.plans import Plans, checkpoint_plans
+from medsam3.plans import EXPORT_FILE, Plans, checkpoint_plans
 from medsam3.results import PromptResult, masks_to_grid
 from medsam3.samples import Intensity
 from medsam3.transforms import (
@@ -206,7 +206,7 @@ def square_digest(square: np.ndarray) -> str:
 
 def trained_prompts(checkpoint: str | os.PathLike) -> set[str] | None:
     """The prompts an exported run was trained on (``medsam3_export.json``), or None."""
-    export = storage.local_copy(checkpoint) / "medsam3_export.json"
+    export = storage.local_copy(checkpoint) / EXPORT_FILE
     prompts = json.loads(export.read_text()).get("prompts") if export.is_file() else None
     return set(prompts) if prompts else None
 

@@ -1,15 +1,26 @@
-"""Medical SAM3's training objective on transformers' SAM3 outputs.
+"""SAM3's training objectives on transformers' SAM3 outputs (``loss.objective``).
 
-Per sample (one image and one text prompt): the decoder's queries are matched one-to-one to the
-ground-truth instances (Hungarian matching on class, box L1 and GIoU costs), then
-- classification: sigmoid focal loss on every query (matched → 1, the rest → 0);
-- presence: BCE on the image-level "is the prompted concept here" logit;
-- boxes: L1 + GIoU on matched pairs (normalised xyxy);
-- masks: focal + Dice on matched pairs, predictions upsampled to the target grid;
-- semantic head: focal + Dice against the union of the instances.
-Every weight is a config number (``configs/train.yaml``, ``loss:``). The terms are computed in
-float32 on the model's device whatever the model's dtype (bf16 on GPUs): targets are moved there,
-and every tensor made here is made there.
+Per sample (one image and one text prompt) the decoder's queries are matched one-to-one to the
+ground-truth targets (Hungarian matching on class, box L1 and GIoU costs). Two objectives:
+
+``released`` — Medical SAM3's stage 1, Meta's SAM3 losses (docs/training.md cites each rule):
+- scores: the presence-gated ``logit(σ(class) · σ(presence))``, clamped to ±10, is what the
+  matcher and the classification loss see;
+- classification: IoU-aware BCE (a matched query's target ``p^α · IoU^(1-α)``, at least 0.01,
+  with a positive weight; an unmatched query's BCE against 0 scaled by ``p^γ``), the mean over
+  all queries, and none at all for a prompt whose concept is absent (presence gating);
+- presence: 0.5 · BCE on the presence logit, plus the semantic presence BCE on the same logit;
+- boxes: L1 on cxcywh and 1 − GIoU; masks: focal + Dice on matched pairs (Meta's segmentation
+  weights); semantic head over the samples whose target is not empty; the sum × √(batch).
+
+``detr`` — plain DETR terms, which learn from random weights (the presets, the demo, the tests):
+focal classification on every query (matched → 1), presence BCE, box L1 (xyxy) + GIoU, mask
+focal + Dice, semantic focal + Dice over every sample.
+
+Targets (``loss.targets``): ``union`` (a prompt's instances as one mask and box, as Medical SAM3
+trains) or ``components`` (connected components, the largest ``max_instances``). Every weight is a
+config number (``configs/train.yaml``, ``loss.released`` / ``loss.detr``). The terms are computed
+in float32 on the model's device whatever the model's dtype (bf16 on GPUs).
 """
 
 from __future__ import annotations
@@ -39,6 +50,17 @@ class Target:
         return Target(self.boxes.to(device, torch.float32), self.masks.to(device, torch.float32))
 
 
+OBJECTIVES = ("released", "detr")
+TARGET_KINDS = ("union", "components")
+
+
+def _box_of(mask: np.ndarray) -> list[float]:
+    """Normalised xyxy box of a non-empty binary mask."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    height, width = mask.shape
+    return [cols[0] / width, rows[0] / height, (cols[-1] + 1) / width, (rows[-1] + 1) / height]
+
+
 def instances_from_mask(mask: np.ndarray, min_pixels: int = 1, max_instances: int | None = None) -> Target:
     """Split a binary mask into connected instances (8-connectivity) with normalised boxes; with
     ``max_instances`` only the largest are kept (a slice of nuclei or vessels has hundreds of
@@ -57,8 +79,55 @@ def instances_from_mask(mask: np.ndarray, min_pixels: int = 1, max_instances: in
     return Target(torch.tensor(boxes, dtype=torch.float32), torch.from_numpy(masks).float())
 
 
+def union_target(mask: np.ndarray) -> Target:
+    """All of a prompt's instances as one target: the union mask and its box."""
+    mask = np.asarray(mask) > 0
+    if not mask.any():
+        return Target(torch.zeros(0, 4), torch.zeros(0, *mask.shape))
+    return Target(torch.tensor([_box_of(mask)], dtype=torch.float32), torch.from_numpy(mask[None]).float())
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    """How a sample's mask becomes targets: ``loss.targets`` (union | components) and, for
+    components, ``loss.max_instances`` (the largest first; None keeps all)."""
+
+    kind: str = "components"
+    max_instances: int | None = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"loss.targets={self.kind!r}: expected one of {', '.join(TARGET_KINDS)} (or auto)")
+
+    def __call__(self, mask: np.ndarray) -> Target:
+        if self.kind == "union":
+            return union_target(mask)
+        return instances_from_mask(mask, max_instances=self.max_instances)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def joint_logits(pred_logits: torch.Tensor, presence_logits: torch.Tensor | None) -> torch.Tensor:
+    """``logit(σ(class) · σ(presence))`` (probability clamped to [1e-3, 1 − 1e-3]) clamped to ±10:
+    the presence-gated score the released matcher and classification loss see."""
+    if presence_logits is None:
+        return pred_logits.clamp(-10, 10)
+    prob = pred_logits.sigmoid() * presence_logits.reshape(len(pred_logits), -1)[:, :1].sigmoid()
+    prob = prob.clamp(1e-3, 1 - 1e-3)
+    return (prob.log() - (1 - prob).log()).clamp(-10, 10)
+
+
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def paired_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes pair by pair: (N, 4), (N, 4) → (N,)."""
+    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return inter / (box_area(a) + box_area(b) - inter).clamp(min=1e-9)
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,9 +164,11 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, target: Target, weights: Mapping[str, float]):
+def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, target: Target, weights: Mapping[str, float],
+                    cxcywh: bool = False):
     """Indices (queries, instances) of the optimal one-to-one assignment for one sample, on the
-    predictions' device (the assignment itself is solved by scipy on the CPU)."""
+    predictions' device (the assignment itself is solved by scipy on the CPU). The box L1 cost is
+    on xyxy, or on cxcywh (``cxcywh``, as released); the GIoU cost on xyxy."""
     device = logits.device
     if target.num == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -108,9 +179,10 @@ def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, target: Target, w
     alpha, gamma = weights["class_alpha"], weights["class_gamma"]
     positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
     negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    l1_boxes, l1_targets = (xyxy_to_cxcywh(boxes), xyxy_to_cxcywh(target_boxes)) if cxcywh else (boxes, target_boxes)
     cost = (
         weights["cost_class"] * (positive - negative)
-        + weights["cost_box"] * torch.cdist(boxes, target_boxes, p=1)
+        + weights["cost_box"] * torch.cdist(l1_boxes, l1_targets, p=1)
         - weights["cost_giou"] * generalized_box_iou(boxes, target_boxes)
     )
     queries, instances = linear_sum_assignment(cost.cpu().numpy())
@@ -119,24 +191,45 @@ def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, target: Target, w
 
 
 def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """All loss terms (weighted) and their sum under ``"loss"`` for a batch of SAM3 outputs."""
+    """All loss terms (weighted) and their sum under ``"loss"`` for a batch of SAM3 outputs, under
+    ``weights["objective"]`` (released | detr) with that objective's weights."""
+    objective = weights.get("objective", "detr")
+    if objective == "released":
+        return released_loss(outputs, targets, weights)
+    if objective == "detr":
+        return detr_loss(outputs, targets, weights)
+    raise ValueError(f"loss.objective={objective!r}: expected one of {', '.join(OBJECTIVES)} (or auto)")
+
+
+def _matched(logits, boxes, masks, targets, weights, cxcywh: bool):
+    """Per sample: matched query and target indices, and the matched masks upsampled to the
+    targets' grid with their targets."""
+    matches, pred_m, gt_m = [], [], []
+    for i, target in enumerate(targets):
+        queries, instances = hungarian_match(logits[i], boxes[i], target, weights, cxcywh)
+        matches.append((queries, instances))
+        if len(queries):
+            size = target.masks.shape[-2:]
+            pred_m.append(F.interpolate(masks[i, queries][None], size=size, mode="bilinear", align_corners=False)[0])
+            gt_m.append(target.masks[instances])
+    return matches, pred_m, gt_m
+
+
+def _union(targets: Sequence[Target], device: torch.device) -> torch.Tensor:
+    return torch.stack([(t.masks.amax(0) if t.num else torch.zeros(t.masks.shape[-2:], device=device))
+                        for t in targets])
+
+
+def detr_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     logits, boxes, masks = outputs.pred_logits.float(), outputs.pred_boxes.float(), outputs.pred_masks.float()
     device = logits.device
     targets = [t.to(device) for t in targets]
     batch = logits.shape[0]
     num_instances = max(1.0, float(sum(t.num for t in targets)))
+    matches, pred_m, gt_m = _matched(logits, boxes, masks, targets, weights, cxcywh=False)
     class_targets = torch.zeros_like(logits)
-    matched_boxes, target_boxes, matched_masks, target_masks = [], [], [], []
-    for i, target in enumerate(targets):
-        queries, instances = hungarian_match(logits[i], boxes[i], target, weights)
+    for i, (queries, _) in enumerate(matches):
         class_targets[i, queries] = 1.0
-        matched_boxes.append(boxes[i, queries])
-        target_boxes.append(target.boxes[instances])
-        if len(queries):
-            size = target.masks.shape[-2:]
-            matched_masks.append(F.interpolate(masks[i, queries][None], size=size, mode="bilinear",
-                                               align_corners=False)[0])
-            target_masks.append(target.masks[instances])
     terms = {
         "class": weights["class"] * sigmoid_focal_loss(logits, class_targets, weights["class_alpha"],
                                                       weights["class_gamma"]).sum() / num_instances,
@@ -145,27 +238,83 @@ def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -
     if outputs.presence_logits is not None:
         terms["presence"] = weights["presence"] * F.binary_cross_entropy_with_logits(
             outputs.presence_logits.float().reshape(batch), present)
-    pred_b, gt_b = torch.cat(matched_boxes), torch.cat(target_boxes)
+    pred_b = torch.cat([boxes[i, q] for i, (q, _) in enumerate(matches)])
+    gt_b = torch.cat([t.boxes[n] for t, (_, n) in zip(targets, matches, strict=True)])
     if len(pred_b):
         terms["box_l1"] = weights["box_l1"] * F.l1_loss(pred_b, gt_b, reduction="sum") / num_instances
         terms["giou"] = weights["giou"] * (1 - torch.diag(generalized_box_iou(pred_b, gt_b))).sum() / num_instances
     else:
         terms["box_l1"] = terms["giou"] = boxes.sum() * 0.0
-    if matched_masks:
-        pred_m, gt_m = torch.cat(matched_masks), torch.cat(target_masks)
+    if pred_m:
+        pred_m, gt_m = torch.cat(pred_m), torch.cat(gt_m)
         terms["mask_focal"] = weights["mask_focal"] * sigmoid_focal_loss(
-            pred_m, gt_m, weights["mask_alpha"], weights["class_gamma"]).flatten(1).mean(1).sum() / num_instances
+            pred_m, gt_m, weights["mask_alpha"], weights["mask_gamma"]).flatten(1).mean(1).sum() / num_instances
         terms["mask_dice"] = weights["mask_dice"] * dice_loss(pred_m, gt_m).sum() / num_instances
     else:
         terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
     if outputs.semantic_seg is not None:
-        union = torch.stack([
-            (t.masks.amax(0) if t.num else torch.zeros(t.masks.shape[-2:], device=device)) for t in targets
-        ])
+        union = _union(targets, device)
         semantic = F.interpolate(outputs.semantic_seg.float(), size=union.shape[-2:], mode="bilinear",
                                  align_corners=False)[:, 0]
         terms["semantic_focal"] = weights["semantic_focal"] * sigmoid_focal_loss(
-            semantic, union, weights["mask_alpha"], weights["class_gamma"]).flatten(1).mean(1).mean()
+            semantic, union, weights["semantic_alpha"], weights["semantic_gamma"]).flatten(1).mean(1).mean()
         terms["semantic_dice"] = weights["semantic_dice"] * dice_loss(semantic, union).mean()
     terms["loss"] = sum(terms.values())
+    return terms
+
+
+def released_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    boxes, masks = outputs.pred_boxes.float(), outputs.pred_masks.float()
+    presence = outputs.presence_logits.float() if outputs.presence_logits is not None else None
+    logits = joint_logits(outputs.pred_logits.float(), presence)
+    device = logits.device
+    targets = [t.to(device) for t in targets]
+    batch, queries_per_sample = logits.shape
+    num_targets = max(1.0, float(sum(t.num for t in targets)))
+    present = torch.tensor([float(t.num > 0) for t in targets], device=device)
+    matches, pred_m, gt_m = _matched(logits, boxes, masks, targets, weights, cxcywh=True)
+
+    matched = torch.zeros_like(logits, dtype=torch.bool)
+    iou_target = torch.zeros_like(logits)
+    pred_b, gt_b = [], []
+    for i, (queries, instances) in enumerate(matches):
+        matched[i, queries] = True
+        pred_b.append(boxes[i, queries])
+        gt_b.append(targets[i].boxes[instances])
+        with torch.no_grad():  # the IoU-aware target is not differentiated
+            iou = paired_box_iou(boxes[i, queries], targets[i].boxes[instances])
+            iou_target[i, queries] = (logits[i, queries].sigmoid() ** weights["class_iou_alpha"]
+                                      * iou ** (1 - weights["class_iou_alpha"])).clamp(min=0.01)
+    # classification: IoU-aware BCE, mean over every query, only where the concept is present
+    bce = F.binary_cross_entropy_with_logits(logits, iou_target, reduction="none")
+    scale = torch.where(matched, torch.full_like(logits, weights["class_pos_weight"]),
+                        logits.sigmoid() ** weights["class_neg_gamma"])
+    terms = {"class": weights["class"] * (bce * scale * present[:, None]).sum() / (batch * queries_per_sample)}
+    if presence is not None:
+        presence_bce = F.binary_cross_entropy_with_logits(presence.reshape(batch, -1)[:, 0], present)
+        terms["presence"] = weights["presence"] * 0.5 * presence_bce  # focal with α 0.5, γ 0
+        terms["semantic_presence"] = weights["semantic_presence"] * presence_bce
+    pred_b, gt_b = torch.cat(pred_b), torch.cat(gt_b)
+    if len(pred_b):
+        l1 = F.l1_loss(xyxy_to_cxcywh(pred_b), xyxy_to_cxcywh(gt_b), reduction="sum")
+        terms["box_l1"] = weights["box_l1"] * l1 / num_targets
+        terms["giou"] = weights["giou"] * (1 - torch.diag(generalized_box_iou(pred_b, gt_b))).sum() / num_targets
+    else:
+        terms["box_l1"] = terms["giou"] = boxes.sum() * 0.0
+    if pred_m:
+        pred_m, gt_m = torch.cat(pred_m), torch.cat(gt_m)
+        terms["mask_focal"] = weights["mask_focal"] * sigmoid_focal_loss(
+            pred_m, gt_m, weights["mask_alpha"], weights["mask_gamma"]).flatten(1).mean(1).sum() / num_targets
+        terms["mask_dice"] = weights["mask_dice"] * dice_loss(pred_m, gt_m).sum() / num_targets
+    else:
+        terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
+    if outputs.semantic_seg is not None:
+        union = _union(targets, device)
+        semantic = F.interpolate(outputs.semantic_seg.float(), size=union.shape[-2:], mode="bilinear",
+                                 align_corners=False)[:, 0]
+        valid = present.sum() + 1e-6  # only samples whose target is not empty
+        focal = sigmoid_focal_loss(semantic, union, weights["semantic_alpha"], weights["semantic_gamma"])
+        terms["semantic_focal"] = weights["semantic_focal"] * (focal.flatten(1).mean(1) * present).sum() / valid
+        terms["semantic_dice"] = weights["semantic_dice"] * (dice_loss(semantic, union) * present).sum() / valid
+    terms["loss"] = sum(terms.values()) * batch ** 0.5
     return terms

@@ -34,11 +34,25 @@ def _no_weight_decay(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _tracker_rate(name: str, optim: Mapping[str, Any]) -> tuple[float, bool]:
+    """The released tracker groups: its SAM mask decoder with the heads, its memory encoder with
+    the vision backbone, its memory attention (Meta's ``tracker.transformer.encoder``) at the
+    DETR encoder's constant rate; the rest (prompt encoder, object pointer projection, memory
+    embeddings: in no released group) ``lr_tracker``."""
+    if name.startswith("mask_decoder."):
+        return optim["lr_heads"], False
+    if name.startswith("memory_encoder."):
+        return optim["lr_backbone"], False
+    if name.startswith("memory_attention."):
+        return optim["lr_detr_encoder"], True
+    return optim["lr_tracker"], False
+
+
 def param_groups(model: torch.nn.Module, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One group per (learning rate, weight decay, constant): heads 3e-4, geometry encoder 1e-4,
     vision trunk (layer-decayed) and neck, text encoder and projection 5e-5, the DETR encoder a
     constant rate that the schedule leaves alone (``constant: True``). In a video model the
-    detector's parameters get the same groups and the tracker ``lr_tracker``."""
+    detector's parameters get the same groups and the tracker's those of ``_tracker_rate``."""
     config = getattr(model.config, "detector_config", model.config)  # a video model: its detector's
     depth = config.vision_config.backbone_config.num_hidden_layers
     exempt = _no_weight_decay(model)
@@ -49,7 +63,7 @@ def param_groups(model: torch.nn.Module, optim: Mapping[str, Any]) -> list[dict[
         name = full_name.removeprefix(DETECTOR)
         constant = name.startswith("detr_encoder.")
         if name.startswith("tracker_model."):
-            lr = optim["lr_tracker"]
+            lr, constant = _tracker_rate(name.removeprefix("tracker_model."), optim)
         elif name.startswith("tracker_neck."):  # the tracker's neck on the shared vision trunk
             lr = optim["lr_backbone"]
         elif name.startswith(VISION_TRUNK):

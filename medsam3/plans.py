@@ -25,6 +25,7 @@ from medsam3.transforms import resize_pad
 from medsam3.vocab import Vocabulary, normalize
 
 PLANS_FILE = "plans.json"
+EXPORT_FILE = "medsam3_export.json"  # what an export records of its run (pipelines/export.py)
 
 
 class PlansMismatch(ValueError):

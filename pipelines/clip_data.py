@@ -23,6 +23,8 @@ from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, 
 if TYPE_CHECKING:
     import ray
 
+    from medsam3.losses import TargetRule
+
 CLIP_KEYS = ("dataset", "case_id", "prompt")
 
 
@@ -114,19 +116,52 @@ def seed_box(mask: np.ndarray, rng: np.random.Generator, noise: float, max_px: f
     return np.clip(np.array([x0, y0, x1, y1], np.float64) + jitter, 0, mask.shape[0])
 
 
+SEED_KINDS = ("detector", "mask", "box", "clicks")  # codes 0-3 in the model's seed_kinds
+
+
+def step_seed_kind(weights: Mapping[str, float], seed: int, step: int) -> str:
+    """How the tracker is seeded at optimizer step ``step`` (``train.clip_seed``: a weight per kind).
+    One kind per step, the same on every rank: the kinds run different prompt-encoder modules, and
+    ZeRO-3 reduces each parameter's gradient across ranks, so every rank must use the same ones."""
+    kinds = [k for k in SEED_KINDS if weights.get(k, 0) > 0]
+    p = np.array([weights[k] for k in kinds], float)
+    return kinds[np.random.default_rng([seed, step, 7]).choice(len(kinds), p=p / p.sum())]
+
+
 def collate_clips(rows: Mapping[str, np.ndarray], tokenizer, frame_rngs, clip_rngs, valid: np.ndarray,
-                  box_prob: float, box_noise: float, box_noise_max_px: float, max_instances: int | None):
-    """Model inputs (the detector's, plus each clip's seed frame and box), the detector's targets
-    per frame, and the tracker's targets: masks (B, K, S, S) and valid frames (B, K)."""
-    inputs, targets = collate(rows, tokenizer, frame_rngs, box_prob, box_noise, box_noise_max_px, max_instances)
+                  box_prob: float, box_noise: float, box_noise_max_px: float, targets_from: TargetRule,
+                  seed_kind: str = "box"):
+    """Model inputs (the detector's, plus each clip's tracker seed: its frame, kind and prompt), the
+    detector's targets per frame, and the tracker's targets: masks (B, K, S, S) and valid frames (B, K).
+
+    The seed frame is a slice that shows the structure, drawn per clip (both directions train);
+    ``seed_kind``: the detector's top mask there (as Medical SAM3 seeds), the ground-truth mask,
+    its noisy box, or one click inside it. A clip that never shows the structure is seeded on its
+    first slice: with no prompt (box, clicks) or with the detector's or an empty mask."""
+    inputs, targets = collate(rows, tokenizer, frame_rngs, box_prob, box_noise, box_noise_max_px, targets_from)
     clips, length = valid.shape
     masks = np.asarray(rows["mask"]).reshape(clips, length, *rows["mask"].shape[1:])
-    seeds, boxes = np.full(clips, -1), np.zeros((clips, 4))
+    size = masks.shape[-1]
+    seeds, boxes, points = np.full(clips, -1), np.zeros((clips, 4)), np.zeros((clips, 2))
+    seed_masks = np.zeros((clips, size, size), np.float32) if seed_kind == "mask" else np.zeros((clips, 1, 1))
     for c in range(clips):
         shown = [k for k in range(length) if valid[c, k] and masks[c, k].any()]
-        if shown:  # a slice that shows the structure seeds the tracker, drawn: both directions train
+        if shown:
             seeds[c] = shown[clip_rngs[c].integers(len(shown))]
-            boxes[c] = seed_box(masks[c, seeds[c]], clip_rngs[c], box_noise, box_noise_max_px)
+            seed = masks[c, seeds[c]]
+            if seed_kind == "box":
+                boxes[c] = seed_box(seed, clip_rngs[c], box_noise, box_noise_max_px)
+            elif seed_kind == "clicks":
+                ys, xs = np.nonzero(seed)
+                pick = clip_rngs[c].integers(len(ys))
+                points[c] = xs[pick] + 0.5, ys[pick] + 0.5
+            elif seed_kind == "mask":
+                seed_masks[c] = seed > 0
+        elif seed_kind in ("detector", "mask"):
+            seeds[c] = 0  # a mask seed says where the structure is, or that it is absent
     inputs["seed_frames"] = torch.from_numpy(seeds)
+    inputs["seed_kinds"] = torch.full((clips,), SEED_KINDS.index(seed_kind))
     inputs["seed_boxes"] = torch.from_numpy(boxes).float()
+    inputs["seed_points"] = torch.from_numpy(points).float()
+    inputs["seed_masks"] = torch.from_numpy(seed_masks)
     return inputs, targets, torch.from_numpy(masks > 0), torch.from_numpy(valid)

@@ -40,7 +40,7 @@ from medsam3.io.storage import staged_output
 from medsam3.metrics import all_metrics
 from medsam3.model import CheckpointError, check_checkpoint
 from medsam3.model import parse_checkpoints as parse
-from medsam3.plans import Plans
+from medsam3.plans import EXPORT_FILE, Plans
 from medsam3.ray_local import driver_groups, group_arrays, init_ray, map_groups
 from medsam3.schema import arrow_source, decode_batch, row_tables, shard_dataset, shard_files, validate_shards
 from medsam3.transforms import resized_shape
@@ -71,7 +71,7 @@ def parse_checkpoints(specs: Sequence[str]) -> dict[str, str]:
 
 def trained_cases(checkpoint: str) -> set[str] | None:
     """``dataset/case_id`` of every case the checkpoint's run trained on, when it records them."""
-    export = storage.local_copy(checkpoint) / "medsam3_export.json"
+    export = storage.local_copy(checkpoint) / EXPORT_FILE
     split = json.loads(export.read_text()).get("split") if export.is_file() else None
     return set(split["train"]) if split else None
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from medsam3.io import storage
+from medsam3.plans import EXPORT_FILE
 from pipelines.run_folder import SPLIT_FILE, TRAINER_STATE, RunFolder, is_run_file
 from pipelines.settings import TrainError
-
-EXPORT_FILE = "medsam3_export.json"
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tracker: str | None = "auto",
@@ -86,6 +85,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tracker: 
                 {"run": run.name, "checkpoint": storage.name(checkpoint),
                  "method": "lora" if lora else "full", "merged": lora and merge,
                  "base": cfg.model.path if lora else None,
+                 "loss": {"objective": cfg.loss.get("objective"), "targets": cfg.loss.get("targets")},
                  "step": json.loads((local_checkpoint / TRAINER_STATE).read_text())["step"],
                  "prompts": json.loads(prompts.read_text()) if prompts.is_file() else None,
                  "split": json.loads(split.read_text()) if split.is_file() else None}, indent=1))

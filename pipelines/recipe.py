@@ -155,6 +155,11 @@ class FinetuneRecipe:
         import ray.train
 
         s = self.settings
+        if self.step == 0 and s.model_path and self.val_shard is not None:
+            # trained weights: the held-out Dice they start from, the baseline fine-tuning must keep
+            val_dice, val_samples = self.validate()
+            ray.train.report({"step": 0, "max_steps": s.max_steps, "lr": 0.0, "val_dice": val_dice,
+                              "val_samples": val_samples})
         started = time.perf_counter()
         first_step = self.step
         while self.step < s.max_steps:
@@ -199,18 +204,23 @@ class FinetuneRecipe:
         rows, inputs, targets, clips = self.make_batch(batch, epoch)
         augment_s = time.perf_counter() - started
         outputs = self.engine(**self.to_engine(inputs))
-        detector = outputs.detector if clips else outputs
+        detector, dice_masks = (outputs.detector if clips else outputs), np.asarray(rows["mask"])
+        if clips:
+            from medsam3.clip_model import tracker_dice, tracker_loss, valid_frames
+            from pipelines.clip_data import SEED_KINDS
+
+            masks, valid = clips
+            detector, targets, kept = valid_frames(detector, targets, valid)
+            dice_masks = dice_masks[kept]
         # non-finite outputs would already break the matching, so check them before the loss
         finite = all(torch.isfinite(t).all() for t in (detector.pred_logits, detector.pred_boxes))
         terms = set_loss(detector, targets, s.loss) if finite else None
         extra = {}
         if terms is not None and clips:
-            from medsam3.clip_model import tracker_dice, tracker_loss
-
-            masks, valid = clips
             tracked = tracker_loss(outputs, masks, valid, s.loss)
             terms = terms | tracked | {"loss": terms["loss"] + sum(tracked.values())}
             extra["tracker_dice"] = tracker_dice(outputs, masks, valid)
+            extra["seed_kind"] = SEED_KINDS[int(inputs["seed_kinds"][0])]
         if terms is None or not torch.isfinite(terms["loss"]):
             where = ", ".join(f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True))
             raise TrainError(f"non-finite loss at step {self.step + 1} on samples {where}; "
@@ -227,7 +237,7 @@ class FinetuneRecipe:
                 "step_s": step_s, "data_wait_s": data_wait + augment_s, **memory_mb(),
                 "dtype": str(detector.pred_logits.dtype).removeprefix("torch."),
                 **{k: float(v) for k, v in terms.items()}, **extra,
-                "train_dice": float(np.mean(merged_dice(detector, rows["mask"], s.threshold))),
+                "train_dice": float(np.mean(merged_dice(detector, dice_masks, s.threshold))),
                 "samples": self.gather_sample_ids(batch)}
 
     def make_batch(self, batch: dict[str, np.ndarray], epoch: int):
@@ -237,17 +247,18 @@ class FinetuneRecipe:
 
         s = self.settings
         if s.mode == "clips":
-            from pipelines.clip_data import augment_clips, collate_clips
+            from pipelines.clip_data import augment_clips, collate_clips, step_seed_kind
 
             rows, frame_rngs, clip_rngs, valid = augment_clips(batch, self.image_size, s.augment, s.seed, epoch,
                                                                s.clip_length)
+            kind = step_seed_kind(s.clip_seed, s.seed, self.step + 1)
             inputs, targets, masks, valid = collate_clips(rows, self.tokenizer, frame_rngs, clip_rngs, valid,
                                                           s.box_prompt_prob, s.box_noise, s.box_noise_max_px,
-                                                          s.max_instances)
+                                                          s.targets, kind)
             return rows, inputs, targets, (masks, valid)
         rows, rngs = augment_batch(batch, self.image_size, s.augment, s.seed, epoch)
         inputs, targets = collate(rows, self.tokenizer, rngs, s.box_prompt_prob, s.box_noise,
-                                  s.box_noise_max_px, s.max_instances)
+                                  s.box_noise_max_px, s.targets)
         return rows, inputs, targets, None
 
     def validate(self) -> tuple[float, int]:

@@ -83,6 +83,8 @@ def is_run_file(relative: str) -> bool:
 
 def progress_line(m: dict[str, Any]) -> str:
     """``step 12/80 (15%)  loss 3.41  dice 0.52  val 0.48  lr 1.0e-03  2.1 samples/s  ETA 4m05s``."""
+    if "loss" not in m:  # step 0: validation of the weights a run starts from
+        return f"step 0/{m['max_steps']}  val {m['val_dice']:.3f} ({m['val_samples']} samples): the starting weights"
     line = f"step {m['step']}/{m['max_steps']} ({100 * m['step'] // m['max_steps']}%)  loss {m['loss']:.4g}"
     line += f"  dice {m['train_dice']:.3f}"
     if "tracker_dice" in m:  # clip mode: the tracker's masks through the clip

@@ -2,18 +2,24 @@
 
 ``configs/train.yaml`` (merged with overrides) becomes a frozen :class:`TrainSettings` on the
 driver, before any worker starts; workers rebuild it from the same mapping. Loss weights and
-learning rates stay mappings: ``set_loss`` and ``param_groups`` read them by name.
+learning rates stay mappings: ``set_loss`` and ``param_groups`` read them by name. ``auto``
+settings are resolved here (the loss objective and targets, the precision, the ZeRO stage) and
+written back into the run's ``train_config.yaml`` by the driver, so the run records what it did.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from medsam3.errors import StageError
+from medsam3.io import storage
+from medsam3.losses import OBJECTIVES, TargetRule
 from medsam3.model import preset
+from medsam3.plans import EXPORT_FILE
 from pipelines.train_data import Augmentation
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -26,6 +32,17 @@ class TrainError(StageError):
     """The run cannot start (bad settings or shards, not enough resources) or was stopped (NaN loss)."""
 
 
+def trained_objective(model_path: str) -> str:
+    """``loss.objective=auto`` for trained weights: the objective they were trained with. An export
+    of this project records it in ``medsam3_export.json`` (one without the record was trained with
+    ``detr``); weights without an export record (SAM3's or Medical SAM3's released weights, a
+    ``medsam3 import``) were trained with the released objective."""
+    record = storage.join(model_path, EXPORT_FILE)
+    if not storage.is_file(record):
+        return "released"
+    return (json.loads(storage.read_text(record)).get("loss") or {}).get("objective") or "detr"
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     mode: str  # images | clips
@@ -33,6 +50,7 @@ class TrainSettings:
     zero_stage: int  # resolved: 0 (plain data parallel) .. 3
     lora: dict[str, Any]
     clip_length: int
+    clip_seed: dict[str, float]  # weight per tracker seed kind (pipelines/clip_data.py)
     preset: str | None
     model_path: str | None
     bpe_path: str | None
@@ -57,11 +75,12 @@ class TrainSettings:
     box_prompt_prob: float
     box_noise: float
     box_noise_max_px: float
-    max_instances: int | None
+    targets: TargetRule  # resolved loss.targets and loss.max_instances
     gradient_clipping: float
     augment: Augmentation
     run_name: str | None
-    loss: dict[str, float]
+    objective: str  # resolved loss.objective: released | detr
+    loss: dict[str, Any]  # the objective's weights, with "objective"
     optim: DictConfig
 
     @classmethod
@@ -85,10 +104,22 @@ class TrainSettings:
         stage = (3 if method == "full" else 0) if stage in (None, "auto") else stage
         if stage not in ZERO_STAGES:
             raise TrainError(f"train.zero_stage={stage!r}: expected auto or one of 0, 1, 2, 3")
+        objective = str(cfg.loss.objective)
+        if objective == "auto":
+            objective = trained_objective(cfg.model.path) if cfg.model.path else "detr"
+        if objective not in OBJECTIVES:
+            raise TrainError(f"loss.objective={objective!r}: expected auto or one of {', '.join(OBJECTIVES)}")
+        kind = str(cfg.loss.targets)
+        kind = ("union" if objective == "released" else "components") if kind == "auto" else kind
+        try:
+            targets = TargetRule(kind, int(cfg.loss.max_instances) or None)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from exc
         settings = cls(
             mode=mode, method=method, zero_stage=int(stage),
             lora=OmegaConf.to_container(t.lora, resolve=True) if "lora" in t else {},
             clip_length=int(t.clip_length),
+            clip_seed={k: float(v) for k, v in t.clip_seed.items()},
             preset=cfg.model.preset, model_path=cfg.model.path, bpe_path=cfg.model.bpe_path,
             num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), precision=resolved,
             cpus_per_worker=float(t.cpus_per_worker), activation_checkpointing=bool(t.activation_checkpointing),
@@ -99,9 +130,11 @@ class TrainSettings:
             threshold=float(t.threshold), seed=int(t.seed), shuffle_buffer=int(t.shuffle_buffer),
             cache_max_mb=float(t.cache_max_mb),
             box_prompt_prob=float(t.box_prompt_prob), box_noise=float(t.box_noise),
-            box_noise_max_px=float(t.box_noise_max_px), max_instances=int(cfg.loss.max_instances) or None,
+            box_noise_max_px=float(t.box_noise_max_px), targets=targets,
             gradient_clipping=float(cfg.optim.gradient_clipping), augment=augment,
-            run_name=t.run_name, loss=OmegaConf.to_container(cfg.loss, resolve=True), optim=cfg.optim,
+            run_name=t.run_name, objective=objective,
+            loss={"objective": objective, **OmegaConf.to_container(cfg.loss[objective], resolve=True)},
+            optim=cfg.optim,
         )
         settings._check()
         return settings
@@ -123,6 +156,12 @@ class TrainSettings:
             raise TrainError(f"train.val_fraction={self.val_fraction}: expected 0 <= fraction < 1")
         if not 0 <= self.box_prompt_prob <= 1:
             raise TrainError(f"train.box_prompt_prob={self.box_prompt_prob}: expected a probability")
+        from pipelines.clip_data import SEED_KINDS
+
+        if set(self.clip_seed) - set(SEED_KINDS) or min(self.clip_seed.values(), default=-1) < 0 \
+                or sum(self.clip_seed.values()) <= 0:
+            raise TrainError(f"train.clip_seed={self.clip_seed}: weights >= 0 for {', '.join(SEED_KINDS)}, "
+                             "at least one positive")
         if self.mode == "clips" and self.clip_length < 1:
             raise TrainError(f"train.clip_length={self.clip_length}: must be positive")
         if self.mode == "clips" and self.model_path is None and "tracker" not in preset(self.preset):
@@ -155,6 +194,22 @@ class TrainSettings:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+
+    def schedule_warning(self) -> str | None:
+        """A message when warm-up and cooldown take more than half of ``max_steps``: the rate then
+        never reaches its peak, or falls again at once (the released 100 + 50 steps in a 40-step run
+        ramp to 0.4 of the peak while cooling down)."""
+        from medsam3.optim import lr_factor
+
+        warmup, cooldown = int(self.optim.warmup_steps), int(self.optim.cooldown_steps)
+        if warmup + cooldown <= self.max_steps / 2:
+            return None
+        peak = max(lr_factor(step, warmup, int(self.optim.lr_timescale), cooldown, self.max_steps)
+                   for step in range(self.max_steps))
+        return (f"optim.warmup_steps={warmup} and optim.cooldown_steps={cooldown} take more than half of "
+                f"train.max_steps={self.max_steps}: the learning rate reaches {peak:.0%} of its peak at most. "
+                f"For a run this short set e.g. optim.warmup_steps={max(1, self.max_steps // 10)} "
+                f"optim.cooldown_steps={self.max_steps // 5}")
 
     @property
     def frames_per_batch(self) -> int:

@@ -40,6 +40,8 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
     from pipelines.train_data import eval_transform, swap_sides
 
     settings = TrainSettings.from_config(cfg)  # bad settings stop here, before any worker starts
+    if warning := settings.schedule_warning():
+        print(f"warning: {warning}", flush=True)
     manifest = validate_shards(shards)
     fraction, seed = settings.val_fraction, settings.seed
     train_cases, val_cases = split_cases(_cases(shards), fraction, seed, validate=settings.val_every > 0)
@@ -83,6 +85,8 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         datasets["val"] = val.map(eval_transform, fn_kwargs={"size": size})
     if small:  # small shards: read once, not again every epoch
         datasets = {name: data.materialize() for name, data in datasets.items()}
+    # the run records what auto resolved to (and the export carries it on)
+    cfg.loss.objective, cfg.loss.targets = settings.objective, settings.targets.kind
     OmegaConf.save(cfg, run.local / "train_config.yaml")
     plans.save(run.local)
     (run.local / SPLIT_FILE).write_text(json.dumps(split, indent=1))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsam3.losses import Target, instances_from_mask
+from medsam3.losses import Target, TargetRule
 from medsam3.model import box_prompts, tokenize
 from medsam3.schema import decode_row
 from medsam3.transforms import model_pixels, resize_square
@@ -126,8 +126,8 @@ def _model_row(row, image, mask, prompt) -> dict[str, Any]:
 
 def collate(batch: Mapping[str, np.ndarray], tokenizer, rngs: Sequence[np.random.Generator] = (),
             box_prob: float = 0.0, box_noise: float = 0.1, box_noise_max_px: float = 20.0,
-            max_instances: int | None = None):
-    """A numpy batch → model inputs and loss targets (at most ``max_instances`` per sample, the largest).
+            targets_from: TargetRule | None = None):
+    """A numpy batch → model inputs and loss targets (``targets_from``: union, or components).
 
     With probability ``box_prob`` sample i also gets a box prompt, drawn from ``rngs[i]``: one of
     its instances' boxes, jittered by N(0, box_noise × size) capped at ``box_noise_max_px`` pixels.
@@ -135,7 +135,8 @@ def collate(batch: Mapping[str, np.ndarray], tokenizer, rngs: Sequence[np.random
     pixels = torch.from_numpy(np.stack(batch["pixel_values"]))
     size = pixels.shape[-1]
     tokens = tokenize(tokenizer, [str(p) for p in batch["prompt"]])
-    targets: list[Target] = [instances_from_mask(m, max_instances=max_instances) for m in batch["mask"]]
+    targets_from = targets_from or TargetRule()
+    targets: list[Target] = [targets_from(m) for m in batch["mask"]]
     inputs = {"pixel_values": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     if box_prob > 0:
         boxes = np.full((len(targets), 4), np.nan)

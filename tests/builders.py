@@ -328,3 +328,11 @@ def chromium() -> str:
             pytest.fail("Debian's chromium is not installed: `make browser` installs it")
         pytest.skip("no chromium here (`make browser` installs it)")
     return found
+
+
+def loss_weights(objective: str = "detr") -> dict:
+    """The weights ``set_loss`` gets for ``objective``, resolved as a run resolves them."""
+    from medsam3.config import load_config
+    from pipelines.settings import TrainSettings
+
+    return TrainSettings.from_config(load_config("train", [f"loss.objective={objective}"])).loss

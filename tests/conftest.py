@@ -99,8 +99,10 @@ OVERFIT = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.fl
            "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.cooldown_steps=0",
            "optim.lr_timescale=1000", "optim.lr_heads=1e-3", "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3",
            "optim.lr_detr_encoder=1e-3", "optim.lr_tracker=1e-3"]
+# The clip fixture seeds the tracker with boxes only: it is judged on box-seeded propagation.
 CLIPS = ["model.preset=tiny_video", "train.mode=clips", "train.clip_length=4", "train.batch_size=1",
-         "train.val_every=0", "train.val_fraction=0"]
+         "train.val_every=0", "train.val_fraction=0", "train.clip_seed.detector=0", "train.clip_seed.mask=0",
+         "train.clip_seed.clicks=0"]
 # The clip fixture trains until box-seeded propagation meets TRACKED: Dice on the lesion's slices
 # (the slices it trains on) and on each slice within 2 of the seed, checked after each of
 # CLIP_STEPS. Its numbers differ between machines (docs/testing.md), and so may the steps it needs.

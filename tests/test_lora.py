@@ -24,7 +24,8 @@ from tests.conftest import LESION_CASE, OVERFIT
 # stand-in for a model trained elsewhere), so its frozen heads would score and mask nothing.
 HEADS = (r"|.*mask_decoder\.(mask_embedder\.layers\.\d|instance_projection|semantic_projection)"
          r"|.*(dot_product_scoring\.(text_mlp\.layer\d|text_proj|query_proj)|detr_decoder\.(presence|box)_head\.layer\d)")
-LORA = ["train.method=lora", "train.batch_size=2", "train.val_every=0", "train.val_fraction=0",
+# The random base is no trained model: the DETR objective, which learns from random weights.
+LORA = ["train.method=lora", "train.batch_size=2", "train.val_every=0", "train.val_fraction=0", "loss.objective=detr",
         "train.lora.r=8", "train.lora.alpha=16", "train.lora.dropout=0", "optim.lr_lora=4e-3"]
 
 

@@ -73,3 +73,66 @@ def test_the_detr_encoder_keeps_its_rate_through_the_schedule(setup):
     assert constant == {1e-5}
     heads = [max(lr for c, lr in step if not c) for step in seen]
     assert heads[0] == 0 and heads[100] == pytest.approx(3e-4) and heads[-1] < heads[200]
+
+
+def train_settings(*overrides: str, params: str | None = None):
+    from pipelines.settings import TrainSettings
+
+    return TrainSettings.from_config(load_config("train", list(overrides), params_file=params))
+
+
+def test_a_schedule_longer_than_the_run_is_named_before_training():
+    """The released 100 warm-up and 50 cooldown steps in a 40-step run: the rate peaks at 8% of its
+    value (step 20: 20/100 × 20/50)."""
+    message = train_settings("train.max_steps=40").schedule_warning()
+    assert "optim.warmup_steps=100" in message and "optim.cooldown_steps=50" in message
+    assert "train.max_steps=40" in message and "8% of its peak" in message
+    assert "optim.warmup_steps=4 optim.cooldown_steps=8" in message
+    assert train_settings("train.max_steps=1000").schedule_warning() is None
+    assert train_settings(params="params.yaml").schedule_warning() is None  # the demo's schedule
+
+
+def test_the_objective_follows_the_weights_a_run_starts_from(tmp_path):
+    """auto: detr for a preset's random weights; for trained weights the objective their export
+    records, detr for an export without the record, released for weights with no export record
+    (SAM3's own, an import)."""
+    import json
+
+    from pipelines.settings import TrainError
+
+    for name, record in {"ours-released": {"loss": {"objective": "released"}}, "ours-old": {}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "medsam3_export.json").write_text(json.dumps(record))
+    assert train_settings(f"model.path={tmp_path / 'ours-released'}").objective == "released"
+    assert train_settings(f"model.path={tmp_path / 'ours-old'}").objective == "detr"
+    preset, trained = train_settings(), train_settings(f"model.path={tmp_path / 'sam3'}")
+    assert (preset.objective, preset.targets.kind, preset.loss["objective"]) == ("detr", "components", "detr")
+    assert (trained.objective, trained.targets.kind) == ("released", "union")
+    assert trained.loss["class_pos_weight"] == 10.0 and "class_pos_weight" not in preset.loss
+    chosen = train_settings("model.path=/ckpt", "loss.objective=detr", "loss.targets=union")
+    assert (chosen.objective, chosen.targets.kind) == ("detr", "union")
+    demo = train_settings(params="params.yaml")
+    assert demo.objective == "detr" and demo.loss["class_alpha"] == 0.5
+    with pytest.raises(TrainError, match="loss.objective='dice'"):
+        train_settings("loss.objective=dice")
+    with pytest.raises(TrainError, match="loss.targets='instances'"):
+        train_settings("loss.targets=instances")
+
+
+def test_the_tracker_gets_the_released_groups():
+    from medsam3.clip_model import Sam3VideoForClipTraining
+    from medsam3.video import preset_video_config
+
+    torch.manual_seed(0)
+    model = Sam3VideoForClipTraining(preset_video_config("tiny_video"))
+    optim = load_config("train").optim
+    groups = param_groups(model, optim)
+    names = [n for n, _ in model.named_parameters()]
+
+    def first(prefix: str) -> str:
+        return next(n for n in names if n.startswith(prefix) and n.endswith("weight"))
+
+    assert rate_of(groups, model, first("tracker_model.mask_decoder."))[::2] == (optim.lr_heads, False)
+    assert rate_of(groups, model, first("tracker_model.memory_encoder."))[::2] == (optim.lr_backbone, False)
+    assert rate_of(groups, model, first("tracker_model.memory_attention."))[::2] == (optim.lr_detr_encoder, True)
+    assert rate_of(groups, model, first("tracker_model.prompt_encoder."))[::2] == (optim.lr_tracker, False)

@@ -159,6 +159,35 @@ def test_bf16_zero3_on_cpu_trains_validates_and_exports(shards, tmp_path):
         run_train(shards, tmp_path / "bad", train_cfg("train.precision=fp16"))
 
 
+def test_trained_weights_fine_tune_under_their_own_objective_and_keep_their_held_out_dice(
+        trained, shards, tmp_path):
+    """``loss.objective=auto`` with ``model.path`` continues the objective the weights were trained
+    with (the overfit run's export records ``detr``). Fine-tuned with the released rates on two of
+    the three cases, they keep their Dice on the third, which this run never trains on: validated
+    on the starting weights (step 0) and every second step. The run's config and its export record
+    the resolved objective and targets."""
+    from omegaconf import OmegaConf
+
+    start = Path(export_run(trained[0], tmp_path / "start"))
+    run_dir = tmp_path / "tuned"
+    fixed = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.flip_prob=0",
+             "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=2", "optim.cooldown_steps=0"]
+    cfg = load_config("train", [f"model.path={start}", f"train.seed={holding_out('amos_0006_90')}",
+                                "train.val_fraction=0.5", "train.val_every=2", "train.val_batches=100",
+                                "train.batch_size=1", "train.max_steps=6", "train.checkpoint_every=6", *fixed])
+    assert run_train(shards, run_dir, cfg).error is None
+    log = metrics(run_dir)
+    held_out = {m["step"]: m["val_dice"] for m in log if "val_dice" in m}
+    assert sorted(held_out) == [0, 2, 4, 6] and all(m["val_samples"] == 2 for m in log if "val_dice" in m)
+    assert held_out[0] > 0.5, held_out  # the trained weights segment the case
+    assert min(held_out[k] for k in (2, 4, 6)) >= held_out[0] - 0.05, held_out
+    saved = OmegaConf.load(run_dir / "train_config.yaml").loss
+    assert (saved.objective, saved.targets) == ("detr", "components")
+    tuned = Path(export_run(run_dir, tmp_path / "export"))
+    assert json.loads((tuned / "medsam3_export.json").read_text())["loss"] == {"objective": "detr",
+                                                                                 "targets": "components"}
+
+
 def test_refuses_bad_shards_and_too_many_workers(shards, tmp_path):
     from medsam3.schema import ShardSchemaError
 

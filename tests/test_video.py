@@ -15,12 +15,14 @@ import torch
 from medsam3.config import load_config
 from medsam3.inference import Segmenter, box_from_text, inference_config, prompt_request
 from medsam3.io.scan import read_scan
+from medsam3.losses import TargetRule
 from medsam3.metrics import dice
 from medsam3.model import CheckpointError, build_model, build_word_tokenizer, tokenize
 from medsam3.propagate import LazyFrames, PropagationSettings
 from medsam3.transforms import display_slice
 from medsam3.video import assemble_video_model, build_video_model, checkpoint_type, preset_video_config
 from pipelines.clip_data import clip_windows, count_clips
+from tests.builders import loss_weights
 from tests.conftest import (
     CLIP_STEPS,
     CLIPS,
@@ -272,7 +274,7 @@ def test_the_tracker_trains_through_its_memory():
     out = model(torch.randn(4, 3, 224, 224), tokens["input_ids"], tokens["attention_mask"],
                 seed_frames=torch.tensor([1]), seed_boxes=torch.tensor([[60.0, 50, 100, 90]]))
     assert out.masks.shape == (1, 4, 224, 224) and out.object_logits.shape == (1, 4)
-    weights = load_config("train").loss
+    weights = loss_weights("released")
     sum(tracker_loss(out, masks, torch.ones(1, 4, dtype=torch.bool), weights).values()).backward()
     for part in ("memory_attention", "memory_encoder", "mask_decoder", "object_pointer_proj"):
         grads = [p.grad for n, p in model.tracker_model.named_parameters() if n.startswith(part)]
@@ -308,7 +310,81 @@ def test_training_takes_the_mask_inference_takes(monkeypatch):
     assert not torch.equal(seed_mask(True), inference)  # the single mask is unstable here: the case that matters
 
 
+def test_one_seed_kind_per_step_the_same_on_every_rank():
+    from pipelines.clip_data import SEED_KINDS, step_seed_kind
+    from pipelines.settings import TrainError, TrainSettings
+
+    weights = dict(load_config("train").train.clip_seed)
+    drawn = [step_seed_kind(weights, 0, step) for step in range(1, 2001)]
+    assert drawn == [step_seed_kind(weights, 0, step) for step in range(1, 2001)]  # a function of (seed, step)
+    for kind in SEED_KINDS:  # the configured mix
+        assert abs(drawn.count(kind) / len(drawn) - weights[kind]) < 0.04, kind
+    assert set(step_seed_kind({"box": 1.0, "clicks": 0.0}, 3, s) for s in range(50)) == {"box"}
+    with pytest.raises(TrainError, match="clip_seed"):
+        TrainSettings.from_config(load_config("train", [*CLIPS, "train.clip_seed.box=0"]))
+
+
+def test_each_seed_kind_prompts_the_seed_frame_and_trains_the_tracker():
+    """Clips of 4 frames seeded on frame 1 (frame 3 padding): a mask seed (the detector's top mask,
+    or the ground truth) is the seed frame's output as it is; a click or a box goes through the
+    prompt encoder; every kind trains the memory attention through the frames after the seed."""
+    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss
+    from pipelines.clip_data import SEED_KINDS, collate_clips
+
+    torch.manual_seed(0)
+    model = Sam3VideoForClipTraining(preset_video_config("tiny_video")).train()
+    tokenizer = build_word_tokenizer(["lesion"])
+    masks = np.zeros((4, 224, 224), np.uint8)
+    masks[:3, 50:90, 60:100] = 1
+    rows = {"pixel_values": np.random.default_rng(1).normal(size=(4, 3, 224, 224)).astype(np.float32),
+            "mask": masks, "prompt": np.array(["lesion"] * 4, dtype=object)}
+    valid = np.array([[True, True, True, False]])
+    seed_frames = []
+    for kind in SEED_KINDS:
+        rngs = [np.random.default_rng(k) for k in range(4)]
+        inputs, _, truth, valid_t = collate_clips(rows, tokenizer, rngs, [np.random.default_rng(5)], valid, 0.0,
+                                                  0.1, 20, TargetRule(), kind)
+        seed = int(inputs["seed_frames"][0])
+        seed_frames.append(seed)
+        assert 0 <= seed <= 2 and int(inputs["seed_kinds"][0]) == SEED_KINDS.index(kind)
+        model.zero_grad()
+        out = model(**inputs)
+        got = out.masks[0, seed] > 0
+        if kind == "detector":
+            detector = out.detector
+            score = detector.pred_logits[seed].sigmoid() * detector.presence_logits[seed].sigmoid()
+            top = torch.nn.functional.interpolate(detector.pred_masks[seed, score.argmax()][None, None],
+                                                  size=(224, 224), mode="bilinear") > 0
+            assert torch.equal(got, top[0, 0])
+        elif kind == "mask":
+            assert torch.equal(got, truth[0, seed]) and out.object_logits[0, seed] == 10
+        elif kind == "clicks":
+            x, y = inputs["seed_points"][0].tolist()
+            assert masks[seed, int(y), int(x)] == 1  # the click is inside the structure
+        sum(tracker_loss(out, truth, valid_t, loss_weights("released")).values()).backward()
+        grads = [p.grad for n, p in model.tracker_model.named_parameters() if n.startswith("memory_attention")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), kind
+
+
 # --- slow: clip training on real CT, then propagation ----------------------------------------
+
+@pytest.mark.slow
+def test_a_clip_run_steps_with_every_seed_kind_on_both_ranks(ray_local, lesion_shards, tmp_path):
+    """The default seed mix under 2 ZeRO-3 workers: a seed whose first four steps draw the four
+    kinds (each runs other prompt-encoder modules, reduced across ranks) trains to its end with
+    finite losses, every step on the kind drawn for it."""
+    from pipelines.clip_data import SEED_KINDS, step_seed_kind
+    from pipelines.train import run_train
+
+    weights = dict(load_config("train").train.clip_seed)
+    seed = next(s for s in range(1000) if [step_seed_kind(weights, s, k) for k in (1, 2, 3, 4)] == list(SEED_KINDS))
+    mixed = [o for o in CLIPS if not o.startswith("train.clip_seed.")]
+    cfg = load_config("train", [*mixed, f"train.seed={seed}", "train.max_steps=4", "train.checkpoint_every=4"])
+    assert run_train(lesion_shards / "shards", tmp_path / "run", cfg).error is None
+    log = metrics(tmp_path / "run")
+    assert [m["seed_kind"] for m in log] == list(SEED_KINDS)
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["tracker_mask_dice"]) for m in log)
+
 
 @pytest.mark.slow
 def test_a_clip_run_overfits_its_clips(clip_trained):
