@@ -220,6 +220,29 @@ def _union(targets: Sequence[Target], device: torch.device) -> torch.Tensor:
                         for t in targets])
 
 
+def _box_and_mask_terms(matches, targets, boxes, masks, pred_m, gt_m, weights, count: float,
+                        cxcywh: bool) -> dict[str, torch.Tensor]:
+    """Box L1 (on xyxy, or cxcywh) and 1 − GIoU, and mask focal + Dice, of the matched pairs, each
+    summed and divided by ``count``; zero (keeping the graph) where nothing matched."""
+    terms = {}
+    pred_b = torch.cat([boxes[i, q] for i, (q, _) in enumerate(matches)])
+    gt_b = torch.cat([t.boxes[n] for t, (_, n) in zip(targets, matches, strict=True)])
+    if len(pred_b):
+        l1_pred, l1_gt = (xyxy_to_cxcywh(pred_b), xyxy_to_cxcywh(gt_b)) if cxcywh else (pred_b, gt_b)
+        terms["box_l1"] = weights["box_l1"] * F.l1_loss(l1_pred, l1_gt, reduction="sum") / count
+        terms["giou"] = weights["giou"] * (1 - torch.diag(generalized_box_iou(pred_b, gt_b))).sum() / count
+    else:
+        terms["box_l1"] = terms["giou"] = boxes.sum() * 0.0
+    if pred_m:
+        pred_m, gt_m = torch.cat(pred_m), torch.cat(gt_m)
+        terms["mask_focal"] = weights["mask_focal"] * sigmoid_focal_loss(
+            pred_m, gt_m, weights["mask_alpha"], weights["mask_gamma"]).flatten(1).mean(1).sum() / count
+        terms["mask_dice"] = weights["mask_dice"] * dice_loss(pred_m, gt_m).sum() / count
+    else:
+        terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
+    return terms
+
+
 def detr_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     logits, boxes, masks = outputs.pred_logits.float(), outputs.pred_boxes.float(), outputs.pred_masks.float()
     device = logits.device
@@ -238,20 +261,7 @@ def detr_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) 
     if outputs.presence_logits is not None:
         terms["presence"] = weights["presence"] * F.binary_cross_entropy_with_logits(
             outputs.presence_logits.float().reshape(batch), present)
-    pred_b = torch.cat([boxes[i, q] for i, (q, _) in enumerate(matches)])
-    gt_b = torch.cat([t.boxes[n] for t, (_, n) in zip(targets, matches, strict=True)])
-    if len(pred_b):
-        terms["box_l1"] = weights["box_l1"] * F.l1_loss(pred_b, gt_b, reduction="sum") / num_instances
-        terms["giou"] = weights["giou"] * (1 - torch.diag(generalized_box_iou(pred_b, gt_b))).sum() / num_instances
-    else:
-        terms["box_l1"] = terms["giou"] = boxes.sum() * 0.0
-    if pred_m:
-        pred_m, gt_m = torch.cat(pred_m), torch.cat(gt_m)
-        terms["mask_focal"] = weights["mask_focal"] * sigmoid_focal_loss(
-            pred_m, gt_m, weights["mask_alpha"], weights["mask_gamma"]).flatten(1).mean(1).sum() / num_instances
-        terms["mask_dice"] = weights["mask_dice"] * dice_loss(pred_m, gt_m).sum() / num_instances
-    else:
-        terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
+    terms |= _box_and_mask_terms(matches, targets, boxes, masks, pred_m, gt_m, weights, num_instances, cxcywh=False)
     if outputs.semantic_seg is not None:
         union = _union(targets, device)
         semantic = F.interpolate(outputs.semantic_seg.float(), size=union.shape[-2:], mode="bilinear",
@@ -276,11 +286,8 @@ def released_loss(outputs, targets: Sequence[Target], weights: Mapping[str, floa
 
     matched = torch.zeros_like(logits, dtype=torch.bool)
     iou_target = torch.zeros_like(logits)
-    pred_b, gt_b = [], []
     for i, (queries, instances) in enumerate(matches):
         matched[i, queries] = True
-        pred_b.append(boxes[i, queries])
-        gt_b.append(targets[i].boxes[instances])
         with torch.no_grad():  # the IoU-aware target is not differentiated
             iou = paired_box_iou(boxes[i, queries], targets[i].boxes[instances])
             iou_target[i, queries] = (logits[i, queries].sigmoid() ** weights["class_iou_alpha"]
@@ -294,20 +301,7 @@ def released_loss(outputs, targets: Sequence[Target], weights: Mapping[str, floa
         presence_bce = F.binary_cross_entropy_with_logits(presence.reshape(batch, -1)[:, 0], present)
         terms["presence"] = weights["presence"] * 0.5 * presence_bce  # focal with α 0.5, γ 0
         terms["semantic_presence"] = weights["semantic_presence"] * presence_bce
-    pred_b, gt_b = torch.cat(pred_b), torch.cat(gt_b)
-    if len(pred_b):
-        l1 = F.l1_loss(xyxy_to_cxcywh(pred_b), xyxy_to_cxcywh(gt_b), reduction="sum")
-        terms["box_l1"] = weights["box_l1"] * l1 / num_targets
-        terms["giou"] = weights["giou"] * (1 - torch.diag(generalized_box_iou(pred_b, gt_b))).sum() / num_targets
-    else:
-        terms["box_l1"] = terms["giou"] = boxes.sum() * 0.0
-    if pred_m:
-        pred_m, gt_m = torch.cat(pred_m), torch.cat(gt_m)
-        terms["mask_focal"] = weights["mask_focal"] * sigmoid_focal_loss(
-            pred_m, gt_m, weights["mask_alpha"], weights["mask_gamma"]).flatten(1).mean(1).sum() / num_targets
-        terms["mask_dice"] = weights["mask_dice"] * dice_loss(pred_m, gt_m).sum() / num_targets
-    else:
-        terms["mask_focal"] = terms["mask_dice"] = masks.sum() * 0.0
+    terms |= _box_and_mask_terms(matches, targets, boxes, masks, pred_m, gt_m, weights, num_targets, cxcywh=True)
     if outputs.semantic_seg is not None:
         union = _union(targets, device)
         semantic = F.interpolate(outputs.semantic_seg.float(), size=union.shape[-2:], mode="bilinear",

@@ -99,10 +99,11 @@ OVERFIT = ["train.crop_scale=[1.0,1.0]", "train.crop_ratio=[1.0,1.0]", "train.fl
            "train.intensity_jitter=0", "train.box_prompt_prob=0", "optim.warmup_steps=5", "optim.cooldown_steps=0",
            "optim.lr_timescale=1000", "optim.lr_heads=1e-3", "optim.lr_backbone=1e-3", "optim.lr_prompt=1e-3",
            "optim.lr_detr_encoder=1e-3", "optim.lr_tracker=1e-3"]
-# The clip fixture seeds the tracker with boxes only: it is judged on box-seeded propagation.
-CLIPS = ["model.preset=tiny_video", "train.mode=clips", "train.clip_length=4", "train.batch_size=1",
-         "train.val_every=0", "train.val_fraction=0", "train.clip_seed.detector=0", "train.clip_seed.mask=0",
-         "train.clip_seed.clicks=0"]
+CLIP_RUN = ["model.preset=tiny_video", "train.mode=clips", "train.clip_length=4", "train.batch_size=1",
+            "train.val_every=0", "train.val_fraction=0"]
+# After its first two steps (the default seed mix, which draws a mask seed, then a box seed) the
+# clip fixture seeds the tracker with boxes only: it is judged on box-seeded propagation.
+CLIPS = [*CLIP_RUN, "train.clip_seed.detector=0", "train.clip_seed.mask=0", "train.clip_seed.clicks=0"]
 # The clip fixture trains until box-seeded propagation meets TRACKED: Dice on the lesion's slices
 # (the slices it trains on) and on each slice within 2 of the seed, checked after each of
 # CLIP_STEPS. Its numbers differ between machines (docs/testing.md), and so may the steps it needs.
@@ -179,13 +180,15 @@ def seed_on_middle_slice(gt: np.ndarray, axis: int) -> tuple[int, str]:
 @pytest.fixture(scope="session")
 def clip_stopped(ray_local, lesion_shards) -> Path:
     """The clip fixture's run (2 ZeRO-3 workers, detector + tracker, the lesion's two clips)
-    stopped at its checkpoint at step 2: the run folder."""
+    stopped at its checkpoint at step 2: the run folder. Its two steps seed the tracker with the
+    default mix, which draws a mask seed and then a box seed (other prompt-encoder modules, whose
+    gradients ZeRO-3 reduces across the ranks)."""
     from medsam3.config import load_config
     from pipelines.train import run_train
 
     run_dir = lesion_shards / "run"
     assert run_train(lesion_shards / "shards", run_dir, load_config("train", [
-        *CLIPS, *OVERFIT, "train.max_steps=2", "train.checkpoint_every=2"])).error is None
+        *CLIP_RUN, *OVERFIT, "train.max_steps=2", "train.checkpoint_every=2"])).error is None
     return run_dir
 
 

@@ -97,11 +97,15 @@ def outputs_for(targets, queries=5, size=16, perfect=True, seed=0):
                            semantic_seg=semantic)
 
 
-def test_perfect_prediction_gives_near_zero_loss(weights):
+def two_blobs() -> np.ndarray:
     mask = np.zeros((16, 16), np.uint8)
     mask[2:6, 3:9] = 1
     mask[10:14, 10:15] = 1
-    targets = [instances_from_mask(mask), instances_from_mask(np.zeros((16, 16)))]  # one empty (absent) row
+    return mask
+
+
+def test_perfect_prediction_gives_near_zero_loss(weights):
+    targets = [instances_from_mask(two_blobs()), instances_from_mask(np.zeros((16, 16)))]  # one empty (absent) row
     perfect = set_loss(outputs_for(targets), targets, weights)
     assert perfect["loss"] < 1e-3, {k: float(v) for k, v in perfect.items()}
     wrong = set_loss(outputs_for(targets, perfect=False), targets, weights)
@@ -110,10 +114,7 @@ def test_perfect_prediction_gives_near_zero_loss(weights):
 
 
 def test_released_perfect_prediction_reaches_the_floor_of_the_clamped_score(released):
-    mask = np.zeros((16, 16), np.uint8)
-    mask[2:6, 3:9] = 1
-    mask[10:14, 10:15] = 1
-    targets = [union_target(mask), union_target(np.zeros((16, 16)))]  # one empty (absent) row
+    targets = [union_target(two_blobs()), union_target(np.zeros((16, 16)))]  # one empty (absent) row
     perfect = set_loss(outputs_for(targets), targets, released)
     # the joint score is clamped to p = 0.999: a perfect match still has BCE(6.9, 0.99975) ≈ 0.0027
     # × pos_weight 10 on its one matched query, averaged over 2 × 5 queries, × 20, × sqrt(2)
