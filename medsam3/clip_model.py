@@ -93,7 +93,7 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
         return ClipOutputs(detector=detector, masks=masks, iou=iou, object_logits=objects)
 
     def _seed_prompt(self, kind: int, detector, frame: int, clip: int, boxes, points, masks) -> dict[str, torch.Tensor]:
-        """The seed frame's prompt: ``{"mask": (1, 1, S, S)}`` or ``{"points", "labels"}``."""
+        """The seed frame's prompt: ``{"mask": (1, 1, S, S)}`` or ``{"point_coords", "point_labels"}``."""
         size = self.tracker_model.image_size
         if kind == 0:  # the detector's top query (presence-gated score), as Medical SAM3 seeds: no gradient
             with torch.no_grad():
@@ -107,10 +107,10 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             return {"mask": masks[clip][None, None]}
         device = detector.pred_logits.device
         if kind == 3:
-            return {"points": points[clip].reshape(1, 1, 1, 2),
-                    "labels": torch.ones(1, 1, 1, dtype=torch.int32, device=device)}
-        return {"points": boxes[clip].reshape(1, 1, 2, 2),
-                "labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=device)}
+            return {"point_coords": points[clip].reshape(1, 1, 1, 2),
+                    "point_labels": torch.ones(1, 1, 1, dtype=torch.int32, device=device)}
+        return {"point_coords": boxes[clip].reshape(1, 1, 2, 2),
+                "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=device)}
 
     def _track_clip(self, feats: list[torch.Tensor], pos: list[torch.Tensor], seed: int,
                     prompt: dict[str, torch.Tensor] | None):
@@ -143,14 +143,12 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                     inference_session=session, frame_idx=k, obj_idx=obj, is_initial_conditioning_frame=is_seed,
                     current_vision_features=frame_feats[-1], current_vision_positional_embeddings=frame_pos[-1],
                     num_total_frames=length, track_in_reverse_time=reverse)
-                points = None if prompted is None else {"point_coords": prompted["points"].to(feats[-1].dtype),
-                                                        "point_labels": prompted["labels"]}
                 with inference_mask_choice(tracker.mask_decoder):
                     out = tracker._single_frame_forward(
-                        input_points=None if points is None else points["point_coords"],
-                        input_labels=None if points is None else points["point_labels"],
+                        input_points=None if prompted is None else prompted["point_coords"].to(feats[-1].dtype),
+                        input_labels=None if prompted is None else prompted["point_labels"],
                         image_embeddings=high_res + [conditioned],
-                        multimask_output=tracker._use_multimask(is_seed, points))
+                        multimask_output=tracker._use_multimask(is_seed, prompted))
             memory, memory_pos = tracker._encode_new_memory(
                 current_vision_feats=frame_feats[-1], pred_masks_high_res=out.high_res_masks,
                 object_score_logits=out.object_score_logits, is_mask_from_pts=prompted is not None)

@@ -54,11 +54,10 @@ OBJECTIVES = ("released", "detr")
 TARGET_KINDS = ("union", "components")
 
 
-def _box_of(mask: np.ndarray) -> list[float]:
-    """Normalised xyxy box of a non-empty binary mask."""
-    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    height, width = mask.shape
-    return [cols[0] / width, rows[0] / height, (cols[-1] + 1) / width, (rows[-1] + 1) / height]
+def _normalised_box(found: tuple[slice, slice], height: int, width: int) -> list[float]:
+    """xyxy in [0, 1] of an object's bounding slices (``ndimage.find_objects``)."""
+    rows, cols = found
+    return [cols.start / width, rows.start / height, cols.stop / width, rows.stop / height]
 
 
 def instances_from_mask(mask: np.ndarray, min_pixels: int = 1, max_instances: int | None = None) -> Target:
@@ -73,8 +72,7 @@ def instances_from_mask(mask: np.ndarray, min_pixels: int = 1, max_instances: in
     if not order:
         return Target(torch.zeros(0, 4), torch.zeros(0, height, width))
     found = ndimage.find_objects(labels)
-    boxes = [[found[i - 1][1].start / width, found[i - 1][0].start / height,
-              found[i - 1][1].stop / width, found[i - 1][0].stop / height] for i in order]
+    boxes = [_normalised_box(found[i - 1], height, width) for i in order]
     masks = np.stack([labels == index for index in order])
     return Target(torch.tensor(boxes, dtype=torch.float32), torch.from_numpy(masks).float())
 
@@ -84,7 +82,8 @@ def union_target(mask: np.ndarray) -> Target:
     mask = np.asarray(mask) > 0
     if not mask.any():
         return Target(torch.zeros(0, 4), torch.zeros(0, *mask.shape))
-    return Target(torch.tensor([_box_of(mask)], dtype=torch.float32), torch.from_numpy(mask[None]).float())
+    box = _normalised_box(ndimage.find_objects(mask.astype(np.int8))[0], *mask.shape)
+    return Target(torch.tensor([box], dtype=torch.float32), torch.from_numpy(mask[None]).float())
 
 
 @dataclass(frozen=True)
@@ -203,12 +202,14 @@ def set_loss(outputs, targets: Sequence[Target], weights: Mapping[str, float]) -
 
 def _matched(logits, boxes, masks, targets, weights, cxcywh: bool):
     """Per sample: matched query and target indices, and the matched masks upsampled to the
-    targets' grid with their targets."""
+    targets' grid with their targets (none when the mask terms weigh 0, as in the released stage
+    1: upsampling every matched mask to the full slice would be spent on a zero)."""
+    with_masks = bool(weights["mask_focal"] or weights["mask_dice"])
     matches, pred_m, gt_m = [], [], []
     for i, target in enumerate(targets):
         queries, instances = hungarian_match(logits[i], boxes[i], target, weights, cxcywh)
         matches.append((queries, instances))
-        if len(queries):
+        if with_masks and len(queries):
             size = target.masks.shape[-2:]
             pred_m.append(F.interpolate(masks[i, queries][None], size=size, mode="bilinear", align_corners=False)[0])
             gt_m.append(target.masks[instances])

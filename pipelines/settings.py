@@ -79,8 +79,7 @@ class TrainSettings:
     gradient_clipping: float
     augment: Augmentation
     run_name: str | None
-    objective: str  # resolved loss.objective: released | detr
-    loss: dict[str, Any]  # the objective's weights, with "objective"
+    loss: dict[str, Any]  # the resolved objective's weights, with "objective" (released | detr)
     optim: DictConfig
 
     @classmethod
@@ -132,7 +131,7 @@ class TrainSettings:
             box_prompt_prob=float(t.box_prompt_prob), box_noise=float(t.box_noise),
             box_noise_max_px=float(t.box_noise_max_px), targets=targets,
             gradient_clipping=float(cfg.optim.gradient_clipping), augment=augment,
-            run_name=t.run_name, objective=objective,
+            run_name=t.run_name,
             loss={"objective": objective, **OmegaConf.to_container(cfg.loss[objective], resolve=True)},
             optim=cfg.optim,
         )
@@ -195,10 +194,15 @@ class TrainSettings:
             "wall_clock_breakdown": False,
         }
 
+    @property
+    def objective(self) -> str:
+        """The resolved ``loss.objective``: released | detr."""
+        return self.loss["objective"]
+
     def schedule_warning(self) -> str | None:
         """A message when warm-up and cooldown take more than half of ``max_steps``: the rate then
         never reaches its peak, or falls again at once (the released 100 + 50 steps in a 40-step run
-        ramp to 0.4 of the peak while cooling down)."""
+        peak at 8% of the rate, at step 20, warming up and cooling down at once)."""
         from medsam3.optim import lr_factor
 
         warmup, cooldown = int(self.optim.warmup_steps), int(self.optim.cooldown_steps)
