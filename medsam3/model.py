@@ -7,9 +7,11 @@ is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,27 @@ def build_model(preset_name: str | None = None, path: str | os.PathLike | None =
     if path is not None:
         return load_detector(path)
     spec = preset(preset_name or "tiny")
-    return Sam3Model(Sam3Config(**spec["config"]))
+    return Sam3Model._from_config(Sam3Config(**spec["config"]))  # partitioned under partitioned_construction
+
+
+@contextlib.contextmanager
+def partitioned_construction(deepspeed_config: dict[str, Any] | None) -> Iterator[None]:
+    """Models built inside (``build_model``, ``from_pretrained``) are born partitioned over the
+    ranks when ``deepspeed_config`` is ZeRO-3: transformers then builds them under
+    ``deepspeed.zero.Init``, initialises or loads each module's weights gathered on rank 0, and
+    no rank ever holds the whole model (the full-size model in fp32 is 3.4 GB per rank).
+    ``None``: an ordinary build."""
+    if deepspeed_config is None or deepspeed_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    held = HfDeepSpeedConfig(deepspeed_config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del held
 
 
 def model_image_size(model: Sam3Model) -> int:

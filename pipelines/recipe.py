@@ -80,20 +80,30 @@ class FinetuneRecipe:
         torch.manual_seed(seed)  # the same initial weights on every rank
 
     def setup_model(self):
-        from medsam3.model import build_model, enable_activation_checkpointing
+        from medsam3.model import (
+            build_model,
+            checkpoint_type,
+            enable_activation_checkpointing,
+            partitioned_construction,
+        )
         from medsam3.ops import enable_box_prompts
 
         enable_box_prompts()
-        if self.settings.mode == "clips":  # the video model, with a training forward
-            from medsam3.clip_model import Sam3VideoForClipTraining
-            from medsam3.video import build_video_model
+        clips, path = self.settings.mode == "clips", self.settings.model_path
+        # ZeRO-3 builds the model partitioned, except a video model assembled from an image
+        # checkpoint and a random tracker, which copies whole state dicts between models
+        assembled = clips and path is not None and checkpoint_type(path) != "sam3_video"
+        with partitioned_construction(None if assembled else self.settings.deepspeed_config()):
+            if clips:  # the video model, with a training forward
+                from medsam3.clip_model import Sam3VideoForClipTraining
+                from medsam3.video import build_video_model
 
-            model = build_video_model(self.settings.preset, self.settings.model_path, Sam3VideoForClipTraining)
-            if self.settings.zero_stage == 3:
-                model.register_zero3_parameters()
-            detector = model.detector_model
-        else:
-            model = detector = build_model(self.settings.preset, self.settings.model_path)
+                model = build_video_model(self.settings.preset, path, Sam3VideoForClipTraining)
+            else:
+                model = build_model(self.settings.preset, path)
+        if clips and self.settings.zero_stage == 3:
+            model.register_zero3_parameters()
+        detector = model.detector_model if clips else model
         if self.settings.activation_checkpointing:
             enable_activation_checkpointing(detector)
         if self.settings.method == "lora":  # adapters injected into the (checkpointed) layers in place
