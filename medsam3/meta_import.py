@@ -405,10 +405,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def target_model(video: bool, preset_name: str | None = None):
-    """transformers' SAM3 (or SAM3 video) built on the meta device (names and shapes, no memory):
-    full size, or the architecture of a preset of configs/model/."""
-    from transformers import Sam3Config, Sam3Model, Sam3VideoConfig, Sam3VideoModel
+# Meta's ViT builds its LayerNorms with eps 1e-5 (sam3/model/vitdet.py:719, sam3==0.1.4) where
+# transformers' Sam3ViTConfig defaults to 1e-6; an imported model keeps Meta's.
+META_VIT_LAYER_NORM_EPS = 1e-5
+
+
+def meta_config(video: bool, preset_name: str | None = None):
+    """The transformers config an import writes: full size (or a preset's architecture) with
+    Meta's ViT LayerNorm epsilon."""
+    from transformers import Sam3Config, Sam3VideoConfig
 
     from medsam3.model import preset
     from medsam3.video import preset_video_config
@@ -417,8 +422,18 @@ def target_model(video: bool, preset_name: str | None = None):
         config = Sam3VideoConfig() if video else Sam3Config()
     else:
         config = preset_video_config(preset_name) if video else Sam3Config(**preset(preset_name)["config"])
+    (config.detector_config if video else config).vision_config.backbone_config.layer_norm_eps = \
+        META_VIT_LAYER_NORM_EPS
+    return config
+
+
+def target_model(video: bool, preset_name: str | None = None):
+    """transformers' SAM3 (or SAM3 video) built on the meta device (names and shapes, no memory)
+    from :func:`meta_config`."""
+    from transformers import Sam3Model, Sam3VideoModel
+
     with torch.device("meta"):
-        return Sam3VideoModel(config) if video else Sam3Model(config)
+        return (Sam3VideoModel if video else Sam3Model)(meta_config(video, preset_name))
 
 
 def import_checkpoint(weights: str | os.PathLike, out_dir: str | os.PathLike, bpe_path: str | os.PathLike,

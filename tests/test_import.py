@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -85,15 +87,15 @@ def tiny_meta_checkpoint(model: torch.nn.Module, video: bool) -> dict[str, torch
 
 
 def tiny_model(video: bool):
-    from medsam3.model import build_model
-    from medsam3.video import preset_video_config
+    """A tiny model with the config an import writes (Meta's ViT LayerNorm epsilon)."""
+    from transformers import Sam3Model, Sam3VideoModel
+
+    from medsam3.meta_import import meta_config
 
     torch.manual_seed(0)
     if not video:
-        return build_model("tiny").eval()
-    from transformers import Sam3VideoModel
-
-    model = Sam3VideoModel(preset_video_config("tiny_video")).eval()
+        return Sam3Model(meta_config(False, "tiny")).eval()
+    model = Sam3VideoModel(meta_config(True, "tiny_video")).eval()
     tracker = model.tracker_model
     # one table in Meta's tracker, two in transformers': the same values, as in the released weights
     tracker.shared_image_embedding.positional_embedding.data.copy_(
@@ -190,3 +192,46 @@ def test_missing_modules_and_wrong_shapes_are_refused_naming_the_tensors(meta_fi
     unmerged["detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.lora_A.weight"] = torch.zeros(4, 64)
     torch.save(unmerged, tmp_path / "lora.pt")
     assert "SAM3 tensors this import does not know" in refused(capsys, tmp_path / "lora.pt", tmp_path / "out")
+
+
+with gzip.open(Path(__file__).parent / "data" / "hf_sam3_conversion_map.json.gz") as _file:
+    HF_CONVERSION = json.load(_file)  # transformers' conversion scripts on META_KEYS: tools/dump_hf_conversion_map.py
+# Meta keys that transformers' scripts map to names its models do not have (so they are dropped on
+# load); map_key lists them as unused. Each must stay absent from the real model's state dict.
+HF_NAMING_ONLY = {
+    r"detector\.backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis": 32,
+    r"detector\.geometry_encoder\.points_(direct|pool|pos_enc)_project\.(weight|bias)": 6,
+}
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_map_key_agrees_with_transformers_own_conversion_scripts(kind):
+    """Every Meta key: the same transformers names, ops and chunk/row indices as transformers'
+    convert_sam3_to_hf.py / convert_sam3_video_to_hf.py produce (``clone`` is their second name
+    for the one tensor, recorded there as ``copy``), and the shapes they produce are the model's."""
+    video = kind == "video"
+    theirs_all = HF_CONVERSION[kind]
+    assert set(theirs_all) == set(META_KEYS[kind])
+    real = {k: list(v.shape) for k, v in target_model(video).state_dict().items()}
+    disagreements, naming_only, compared, agreeing = [], Counter(), 0, 0
+    for key in META_KEYS[kind]:
+        theirs = sorted((name, op, index) for name, op, index, _ in theirs_all[key])
+        ours = map_key(key, video)
+        if isinstance(ours, list):
+            ours = sorted((t.key, "copy" if t.op == "clone" else t.op, t.index) for t in ours)
+        allowed = [p for p in HF_NAMING_ONLY if re.fullmatch(p, key)]
+        if allowed:
+            naming_only[allowed[0]] += 1
+            if not isinstance(ours, str) or any(name in real for name, *_ in theirs):
+                disagreements.append(f"{key}: ours {ours!r}, transformers {theirs!r} (allow-listed as unused)")
+            continue
+        compared += 1
+        misshapen = [f"{name} {shape} vs model {real.get(name)}" for name, _, _, shape in theirs_all[key]
+                     if real.get(name) != shape]
+        if ours != theirs or misshapen:
+            disagreements.append(f"{key}: ours {ours!r}, transformers {theirs!r} {'; '.join(misshapen)}".rstrip())
+        else:
+            agreeing += 1
+    assert not disagreements, f"{len(disagreements)} Meta keys disagree, e.g.\n" + "\n".join(disagreements[:5])
+    assert naming_only == HF_NAMING_ONLY
+    assert compared == agreeing == len(META_KEYS[kind]) - 38 == (1427 if video else 1096)
