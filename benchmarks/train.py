@@ -11,6 +11,10 @@ With ``--stages``: one run per ZeRO stage (``train.zero_stage`` 0-3) of the ``me
 (107M parameters, so that model state dominates a worker's memory) on the same batches: per-sample
 time against stage 3's, the memory rank 0 holds between steps (median over steps 5+) and its
 peak (setup included; resident set on CPU, allocated memory on a GPU).
+With ``--full``: the full-size SAM3 (the ``sam3_336`` preset: every weight of the released model,
+random values, fed 336² images so that activations fit a 24 GB machine) trained by 2 workers with
+bf16 and activation checkpointing at ZeRO stages 3, 2 and 1: seconds per step, every rank's peak
+memory against the model-state arithmetic of docs/cluster.md, and the stages that do not fit.
 The figures are also written as JSON (``--json``, default ``benchmarks/results/train.json``; one
 section per mode, a run replaces only its own).
 """
@@ -51,7 +55,27 @@ SECTIONS = {
                     "same batches) at each DeepSpeed ZeRO stage, and the loss each reaches.",
         "run": "python benchmarks/train.py --stages",
     },
+    "full": {
+        "title": "The full-size SAM3 trained on CPU (ZeRO stages 3, 2, 1)",
+        "measures": "Seconds per step and every rank's peak memory of the full-size model (sam3_336 preset: the "
+                    "released model's weights in shape, random values, 336² input) trained on 2 ranks with bf16 "
+                    "and activation checkpointing, by `medsam3 train` (2 Ray Train workers) and by the same engine "
+                    "in 2 plain DeepSpeed processes, against the model state that docs/cluster.md's arithmetic "
+                    "gives a rank.",
+        "run": "python benchmarks/train.py --full",
+    },
 }
+
+# DeepSpeed buffers sized for a 24 GB machine (elements; DeepSpeed's defaults in brackets): the
+# optimizer steps 10^8 parameters at a time [10^9: a rank's fp32 gradient copy of 1.7 GB at once],
+# gradients are reduced in buckets of 5·10^7 [5·10^8: a 1 GB bucket], and at most 10^8 gathered
+# parameters stay live [10^9: the whole model, gathered on every rank].
+TIGHT_BUFFERS = {"sub_group_size": 100_000_000, "reduce_bucket_size": 50_000_000,
+                 "stage3_max_live_parameters": 100_000_000, "stage3_max_reuse_distance": 100_000_000}
+
+# Bytes of model state per parameter under mixed-precision AdamW: bf16 weights (2) and gradients
+# (2), fp32 master weights and two moments (12); ZeRO stage s divides the terms it shards.
+STATE_BYTES = {3: lambda n: 16 / n, 2: lambda n: 2 + 14 / n, 1: lambda n: 4 + 12 / n}
 
 
 def optimizer_step(loss, model, optimizer, scheduler, cfg) -> None:
@@ -166,6 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--clips", action="store_true", help="train.mode=clips on the real CT lesion volumes")
     parser.add_argument("--stages", action="store_true", help="ZeRO stages 0-3 compared (medium preset)")
+    parser.add_argument("--full", action="store_true", help="the full-size model (sam3_336), ZeRO stages 3, 2, 1")
     parser.add_argument("--json", default=None, help="where the figures go (default: benchmarks/results/train.json)")
     parser.add_argument("overrides", nargs="*", help="train config overrides for both runs, e.g. "
                         "train.zero_optimization.stage3_param_persistence_threshold=1e7")
@@ -182,9 +207,18 @@ def main() -> None:
         tmp = Path(tmp)
         from medsam3.ray_local import init_ray
 
+        # --full: two ranks of the full-size model fill this machine. Ray's default kills workers at
+        # 95 % of its memory (the kernel's OOM killer is the real limit), and glibc's per-thread
+        # malloc arenas keep freed memory in a process of many threads
+        memory_limit = {"RAY_memory_usage_threshold": "0.99", "MALLOC_ARENA_MAX": "2"} if args.full else {}
         init_ray(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 env=train_environment(use_gpu=False))
+                 env={**train_environment(use_gpu=False), **memory_limit})
         clip_mode = []
+        if args.full:
+            write_phantom_dataset(tmp / "phantom", 2, (96, 96, 16))
+            run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=336"]))
+            full_size(tmp, args.steps, args.overrides, args.json)
+            return
         if args.stages:
             write_phantom_dataset(tmp / "phantom", 3, (96, 96, 32))
             run_prepare(tmp / "phantom", tmp / "shards", load_config("prepare", ["image_size=224"]))
@@ -266,6 +300,195 @@ def compare_stages(tmp: Path, steps: int, overrides: list[str], json_path: str |
              "rank 0 peak, setup included", "loss at the last step"],
             [[stage, f"{rate:.2f}", f"{stage3 / rate:.2f}×", f"{held:,.0f} MB", f"{peak:,.0f} MB", f"{loss:.3f}"]
              for stage, rate, held, peak, loss in rows])])
+
+
+def full_config(stage: int, steps: int, overrides: list[str]):
+    """The --full run's train config at ZeRO ``stage``."""
+    from medsam3.config import load_config
+
+    bpe = ROOT.parent / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+    return load_config("train", [
+        "model.preset=sam3_336", f"model.bpe_path={bpe}", f"train.zero_stage={stage}", "train.precision=bf16",
+        "train.activation_checkpointing=true", "train.batch_size=1", f"train.max_steps={steps}",
+        "train.checkpoint_every=100000", "train.val_every=0", "train.val_fraction=0", "train.max_failures=0",
+        "optim.warmup_steps=1", "optim.cooldown_steps=1",
+        *[f"train.zero_optimization.{k}={v}" for k, v in TIGHT_BUFFERS.items()], *overrides])
+
+
+def worker_peaks(stop, peaks: dict[int, float]) -> None:
+    """Sample the resident set of every Ray Train worker until ``stop`` is set (MB, the highest
+    seen per process): a worker the kernel kills reports nothing itself."""
+    import psutil
+
+    while not stop.wait(1.0):
+        for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["memory_info"]:
+                rss = proc.info["memory_info"].rss / 2**20
+                peaks[proc.info["pid"]] = max(peaks.get(proc.info["pid"], 0.0), rss)
+
+
+def ray_train_full(tmp: Path, steps: int, overrides: list[str]) -> tuple[str, list[float]]:
+    """``medsam3 train`` of the full-size model at ZeRO-3, 2 Ray Train workers: the outcome and
+    the workers' sampled peak memory (MB)."""
+    import threading
+
+    from pipelines.train import run_train
+
+    stop, peaks = threading.Event(), {}
+    sampler = threading.Thread(target=worker_peaks, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        run_train(tmp / "shards", tmp / "ray_full", full_config(3, steps, overrides))
+        log = [json.loads(line) for line in (tmp / "ray_full" / "metrics.jsonl").read_text().splitlines()]
+        outcome = f"{statistics.median(m['step_s'] for m in log[1:]):.1f} s per step"
+    except Exception as error:  # noqa: BLE001  (running out of memory is the result)
+        done = len((tmp / "ray_full" / "metrics.jsonl").read_text().splitlines()) \
+            if (tmp / "ray_full" / "metrics.jsonl").exists() else 0
+        outcome = f"stopped after {done} of {steps} steps: {str(error).splitlines()[0][:80]}"
+    finally:
+        stop.set()
+        sampler.join()
+    return outcome, sorted(peaks.values(), reverse=True)[:2]
+
+
+def plain_rank(rank: int, world: int, port: int, shards: str, run_dir: str, stage: int, steps: int,
+               overrides: list[str], queue) -> None:
+    """One rank of a plain DeepSpeed run (no Ray): the recipe's model, partitioned construction,
+    optimizer, engine, batches and loss; puts (step seconds, peak RSS MB, losses) on ``queue``."""
+    import os
+    import resource
+
+    import pyarrow.dataset as pads
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as a Ray Train worker with one CPU
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    from medsam3.losses import set_loss
+    from medsam3.model import build_model, enable_activation_checkpointing, partitioned_construction
+    from medsam3.ops import enable_box_prompts
+    from medsam3.optim import inverse_sqrt_schedule, param_groups
+    from medsam3.schema import shard_files
+    from pipelines.recipe import engine_inputs
+    from pipelines.settings import TrainSettings
+    from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, train_transform
+
+    cfg = full_config(stage, steps, overrides)
+    settings = TrainSettings.from_config(cfg)
+    enable_box_prompts()
+    torch.manual_seed(0)
+    with partitioned_construction(settings.deepspeed_config()):
+        model = build_model("sam3_336")
+    enable_activation_checkpointing(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, steps)
+    engine, _, _, _ = deepspeed.initialize(model=model.train(), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=settings.deepspeed_config())
+    move = engine_inputs(engine)
+    tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "tokenizer")
+    rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
+    rng, augment = np.random.default_rng(rank), Augmentation.from_config(cfg.train)
+    times, losses = [], []
+    for step in range(steps):
+        chosen = [rows[i] for i in rng.integers(len(rows), size=1)]
+        rngs = [sample_rng(0, step, row) for row in chosen]
+        batch = stack_rows([train_transform(row, 336, augment, r) for row, r in zip(chosen, rngs, strict=True)])
+        started = time.perf_counter()
+        inputs, targets = collate(batch, tokenizer, rngs, float(cfg.train.box_prompt_prob),
+                                  targets_from=settings.targets)
+        loss = set_loss(engine(**move(inputs)), targets, settings.loss)["loss"]
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - started)
+        losses.append(float(loss))
+    queue.put((rank, times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, losses))
+    dist.destroy_process_group()
+
+
+def plain_deepspeed_full(tmp: Path, stage: int, steps: int, overrides: list[str]) -> dict | None:
+    """2 plain DeepSpeed processes at ZeRO ``stage``; None when a rank dies (out of memory)."""
+    import multiprocessing
+    import queue as queues
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    found = context.Queue()
+    ranks = [context.Process(target=plain_rank, args=(rank, 2, port, str(tmp / "shards"), str(tmp / "ray_full"),
+                                                      stage, steps, overrides, found)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    results = {}
+    while len(results) < 2:
+        try:
+            rank, times, peak, losses = found.get(timeout=10)
+            results[rank] = (times, peak, losses)
+        except queues.Empty:
+            if any(p.exitcode not in (None, 0) for p in ranks):
+                for process in ranks:
+                    process.kill()
+                return None
+    for process in ranks:
+        process.join()
+    return {"step_s": statistics.median(t for t in results[0][0][1:]), "peaks": [results[r][1] for r in (0, 1)],
+            "losses": results[0][2]}
+
+
+def full_size(tmp: Path, steps: int, overrides: list[str], json_path: str | None = None) -> None:
+    """The full-size model: ``medsam3 train`` with 2 Ray Train workers at ZeRO-3, then the same
+    model, batches and engine in 2 plain DeepSpeed processes at stages 3, 2 and 1."""
+    import ray
+    import torch
+
+    from medsam3.model import build_model
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model("sam3_336").parameters())
+    outcome, ray_peaks = ray_train_full(tmp, steps, overrides)
+    ray.shutdown()
+    print(f"  Ray Train, ZeRO-3: {outcome}; workers' peak {', '.join(f'{p / 1024:.1f}' for p in ray_peaks)} GB")
+    rows = [["Ray Train (`medsam3 train`), 2 workers", 3, outcome,
+             " / ".join(f"{p / 1024:.1f} GB" for p in ray_peaks), f"{STATE_BYTES[3](2) * params / 1e9:.1f} GB"]]
+    for stage in (3, 2, 1):
+        state_gb = STATE_BYTES[stage](2) * params / 1e9
+        result = plain_deepspeed_full(tmp, stage, steps, overrides)
+        if result is None:
+            print(f"  plain DeepSpeed, stage {stage}: a rank died (out of memory)")
+            rows.append(["plain DeepSpeed, 2 processes", stage, "a rank was killed: out of memory", "",
+                         f"{state_gb:.1f} GB"])
+            break
+        peaks = " / ".join(f"{p / 1024:.1f} GB" for p in result["peaks"])
+        print(f"  plain DeepSpeed, stage {stage}: {result['step_s']:.1f} s per step, peak per rank {peaks} "
+              f"(model state by arithmetic {state_gb:.1f} GB), loss "
+              + " ".join(f"{v:.1f}" for v in result["losses"]))
+        rows.append(["plain DeepSpeed, 2 processes", stage, f"{result['step_s']:.1f} s per step", peaks,
+                     f"{state_gb:.1f} GB"])
+    record.write_section(
+        json_path or record.default_path(__file__), __file__, SECTIONS, "full",
+        tables=[record.table(
+            f"full-size SAM3 ({params / 1e6:.0f}M parameters, sam3_336 preset) at 336², phantom shards, 2 ranks × "
+            f"1 CPU × batch 1, bf16, activation checkpointing, {steps} steps (seconds per step: median of steps "
+            f"2-{steps}); peak resident memory per rank (rank 0 / 1; Ray workers sampled each second)",
+            ["run", "ZeRO stage", "result", "peak per rank", "model state per rank by arithmetic"], rows)],
+        notes=FULL_NOTES)
+
+
+FULL_NOTES = [
+    "This machine has 23.5 GB. The Ray cluster's own processes (raylet, GCS, the train controller, "
+    "Ray Data's actors, the driver) hold about 2.5 GB, so two ranks of the full-size model do not fit beside "
+    "them: a Ray Train worker is killed for memory (by Ray's monitor or the kernel) at the first optimizer "
+    "step, which allocates the Adam moments, while two plain processes with the same engine fit.",
+    "Model state by arithmetic: 16 bytes per parameter (bf16 weights and gradients, fp32 master weights and "
+    "two Adam moments; docs/cluster.md), divided as the stage shards it. DeepSpeed's buffers are set small "
+    "for this machine (TIGHT_BUFFERS in benchmarks/train.py).",
+]
 
 
 if __name__ == "__main__":

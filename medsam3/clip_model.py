@@ -49,6 +49,12 @@ class ClipOutputs(ModelOutput):
     masks: torch.Tensor | None = None
     iou: torch.Tensor | None = None
     object_logits: torch.Tensor | None = None
+    # with correction clicks: the seed frame's outputs before each click (B, C, S, S), (B, C),
+    # (B, C), and that frame per clip (B,); ``masks`` holds its output after the last click
+    step_masks: torch.Tensor | None = None
+    step_iou: torch.Tensor | None = None
+    step_object_logits: torch.Tensor | None = None
+    step_frames: torch.Tensor | None = None
 
 
 class Sam3VideoForClipTraining(Sam3VideoModel):
@@ -67,13 +73,22 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                 input_boxes: torch.Tensor | None = None, input_boxes_labels: torch.Tensor | None = None,
                 seed_frames: torch.Tensor | None = None, seed_kinds: torch.Tensor | None = None,
                 seed_boxes: torch.Tensor | None = None, seed_points: torch.Tensor | None = None,
-                seed_masks: torch.Tensor | None = None, **kwargs):
+                seed_masks: torch.Tensor | None = None, correction_masks: torch.Tensor | None = None,
+                correction_seeds: torch.Tensor | None = None, correction_clicks: torch.Tensor | int = 0,
+                correction_from_truth: torch.Tensor | float = 0.0, **kwargs):
         """Frames of B clips of K slices, flattened clip by clip (B·K, 3, S, S), each with its
         clip's text. ``seed_frames`` (B,): the frame the tracker is seeded on (-1: none);
         ``seed_kinds`` (B,): ``pipelines.clip_data.SEED_KINDS`` codes (0 the detector's top mask
         on the seed frame, 1 ``seed_masks`` (B, S, S), 2 ``seed_boxes`` (B, 4) xyxy, 3 one
         positive click ``seed_points`` (B, 2) xy, in input pixels; box when absent). Without seeds
-        only the detector runs (validation, probes) and its outputs are returned as they are."""
+        only the detector runs (validation, probes) and its outputs are returned as they are.
+
+        ``correction_clicks`` > 0 (box and click seeds): SAM2's interactive training. After the
+        seed frame's first prediction, that many more clicks, each drawn (:func:`error_click`,
+        seeded by ``correction_seeds`` (B,)) from where the mask disagrees with
+        ``correction_masks`` (B, S, S), the seed frame's ground truth, or with probability
+        ``correction_from_truth`` from the ground truth alone; each is added to the prompt and
+        fed back with the previous mask logits. Every step's output is returned for the loss."""
         vision = self.detector_model.get_vision_features(pixel_values=pixel_values)
         detector = self.detector_model(vision_embeds=vision, input_ids=input_ids, attention_mask=attention_mask,
                                        input_boxes=input_boxes, input_boxes_labels=input_boxes_labels)
@@ -86,11 +101,22 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
         for c in range(clips):
             prompt = self._seed_prompt(int(kinds[c]), detector, c * length + int(seed_frames[c]), c,
                                        seed_boxes, seed_points, seed_masks) if seed_frames[c] >= 0 else None
+            corrections = None
+            if int(correction_clicks) and int(kinds[c]) >= 2:  # SAM2 corrects point and box prompts only
+                generator = torch.Generator().manual_seed(int(correction_seeds[c]))
+                corrections = Corrections(correction_masks[c] > 0, int(correction_clicks),
+                                          float(correction_from_truth), generator)
             outputs.append(self._track_clip([f[:, c * length:(c + 1) * length] for f in feats],
                                             [p[:, c * length:(c + 1) * length] for p in pos],
-                                            int(seed_frames[c]), prompt))
-        masks, iou, objects = (torch.stack(parts) for parts in zip(*outputs, strict=True))
-        return ClipOutputs(detector=detector, masks=masks, iou=iou, object_logits=objects)
+                                            int(seed_frames[c]), prompt, corrections))
+        masks, iou, objects = (torch.stack(parts) for parts in zip(*[o[:3] for o in outputs], strict=True))
+        result = ClipOutputs(detector=detector, masks=masks, iou=iou, object_logits=objects)
+        if outputs and outputs[0][3] is not None:
+            steps = [o[3] for o in outputs]
+            result.step_masks, result.step_iou, result.step_object_logits = (
+                torch.stack([step[i] for step in steps]) for i in range(3))
+            result.step_frames = torch.clamp(seed_frames, min=0).to(masks.device)
+        return result
 
     def _seed_prompt(self, kind: int, detector, frame: int, clip: int, boxes, points, masks) -> dict[str, torch.Tensor]:
         """The seed frame's prompt: ``{"mask": (1, 1, S, S)}`` or ``{"point_coords", "point_labels"}``."""
@@ -113,7 +139,7 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                 "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=device)}
 
     def _track_clip(self, feats: list[torch.Tensor], pos: list[torch.Tensor], seed: int,
-                    prompt: dict[str, torch.Tensor] | None):
+                    prompt: dict[str, torch.Tensor] | None, corrections: Corrections | None = None):
         from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
             Sam3TrackerVideoInferenceSession,
         )
@@ -126,7 +152,7 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
         session.processed_frames = dict.fromkeys(range(length))  # features come from the cache
         obj = session.obj_id_to_idx(0)
         start = max(seed, 0)
-        results = {}
+        results, steps = {}, None
         order = [(k, False) for k in range(start, length)] + [(k, True) for k in range(start - 1, -1, -1)]
         for k, reverse in order:
             frame_feats, frame_pos = [f[:, k:k + 1] for f in feats], [p[:, k:k + 1] for p in pos]
@@ -149,6 +175,8 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                         input_labels=None if prompted is None else prompted["point_labels"],
                         image_embeddings=high_res + [conditioned],
                         multimask_output=tracker._use_multimask(is_seed, prompted))
+                    if is_seed and corrections is not None:
+                        out, steps = self._correct(out, prompted, high_res + [conditioned], corrections)
             memory, memory_pos = tracker._encode_new_memory(
                 current_vision_feats=frame_feats[-1], pred_masks_high_res=out.high_res_masks,
                 object_score_logits=out.object_score_logits, is_mask_from_pts=prompted is not None)
@@ -159,7 +187,63 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             iou = out.iou_scores.reshape(-1)
             results[k] = (out.high_res_masks.reshape(tracker.image_size, tracker.image_size),
                           iou.max() if iou.numel() > 1 else iou[0], out.object_score_logits.reshape(()))
-        return tuple(torch.stack([results[k][i] for k in range(length)]) for i in range(3))
+        return (*(torch.stack([results[k][i] for k in range(length)]) for i in range(3)), steps)
+
+    def _correct(self, out, prompt: dict[str, torch.Tensor] | None, embeddings: list[torch.Tensor],
+                 corrections: Corrections):
+        """SAM2's correction clicks on the seed frame (``forward``): the output after the last
+        click, and the outputs before each click stacked as (C, S, S), (C,), (C,)."""
+        tracker = self.tracker_model
+        size = tracker.image_size
+        device = embeddings[-1].device
+        if prompt is None:  # no seed prompt (the clip never shows the structure): clicks alone
+            points = torch.zeros(1, 1, 0, 2, device=device)
+            labels = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
+        else:
+            points, labels = prompt["point_coords"].float(), prompt["point_labels"]
+        steps = []
+        for _ in range(corrections.clicks):
+            mask = out.high_res_masks.reshape(size, size)
+            iou = out.iou_scores.reshape(-1)
+            steps.append((mask, iou.max() if iou.numel() > 1 else iou[0], out.object_score_logits.reshape(())))
+            from_truth = float(torch.rand((), generator=corrections.generator)) < corrections.from_truth
+            xy, label = error_click(corrections.truth.to(device),
+                                    None if from_truth else (mask.detach() > 0), corrections.generator)
+            points = torch.cat([points, xy.to(device, points.dtype).reshape(1, 1, 1, 2)], dim=2)
+            labels = torch.cat([labels, torch.tensor([[[label]]], dtype=labels.dtype, device=device)], dim=2)
+            out = tracker._single_frame_forward(
+                input_points=points.to(embeddings[-1].dtype), input_labels=labels,
+                input_masks=out.pred_masks.reshape(1, 1, *out.pred_masks.shape[-2:]),  # the previous logits
+                image_embeddings=embeddings,
+                multimask_output=tracker._use_multimask(True, {"point_labels": labels}))
+        return out, tuple(torch.stack(parts) for parts in zip(*steps, strict=True))
+
+
+@dataclass
+class Corrections:
+    """One clip's correction clicks: the seed frame's ground truth (S, S) bool, how many clicks,
+    the chance to draw one from the ground truth instead of the errors, and the draws' source."""
+
+    truth: torch.Tensor
+    clicks: int
+    from_truth: float
+    generator: torch.Generator
+
+
+def error_click(truth: torch.Tensor, predicted: torch.Tensor | None,
+                generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A correction click as SAM2 trains with (``uniform``): a pixel drawn uniformly from where
+    ``predicted`` and ``truth`` (S, S) bool disagree; positive (1) where the structure was missed,
+    negative (0) where the mask spills over. No prediction: a pixel of the structure. No error
+    (or no structure): a negative click on the background. Returns the pixel's centre (x, y) and
+    the label."""
+    predicted = torch.zeros_like(truth) if predicted is None else predicted
+    region = truth ^ predicted
+    if not region.any():
+        region = ~truth if (~truth).any() else truth
+    where = torch.nonzero(region.cpu())
+    y, x = where[int(torch.randint(len(where), (1,), generator=generator))].tolist()
+    return torch.tensor([x + 0.5, y + 0.5]), int(truth[y, x])
 
 
 @contextmanager
@@ -199,20 +283,27 @@ def tracker_loss(outputs: ClipOutputs, masks: torch.Tensor, valid: torch.Tensor,
                  weights: dict[str, float]) -> dict[str, torch.Tensor]:
     """SAM2's tracker losses on every valid frame, in float32: BCE on the object score; focal +
     Dice on the mask and L1 between the predicted and the actual IoU on the frames that show the
-    structure and that the tracker scores as present.
+    structure and that the tracker scores as present. With correction clicks, each step before
+    the last click is one more frame (SAM2 trains every step) with the seed frame's target.
 
     ``masks`` (B, K, S, S) 0/1 targets at the model's input size, ``valid`` (B, K) bool."""
     device = outputs.masks.device
     masks, valid = masks.to(device, torch.float32), valid.to(device)
-    logits = outputs.masks.float()[valid]
-    target = masks[valid]
+    logits, target = outputs.masks.float()[valid], masks[valid]
+    objects, ious = outputs.object_logits.float()[valid], outputs.iou.float()[valid]
+    if outputs.step_masks is not None:
+        steps = outputs.step_masks.shape[1]
+        truth = masks[torch.arange(len(masks), device=device), outputs.step_frames]
+        logits = torch.cat([logits, outputs.step_masks.float().flatten(0, 1)])
+        target = torch.cat([target, truth[:, None].expand(-1, steps, -1, -1).flatten(0, 1)])
+        objects = torch.cat([objects, outputs.step_object_logits.float().flatten()])
+        ious = torch.cat([ious, outputs.step_iou.float().flatten()])
     present = target.flatten(1).amax(1)
-    terms = {"tracker_object": weights["tracker_object"] * F.binary_cross_entropy_with_logits(
-        outputs.object_logits.float()[valid], present)}
+    terms = {"tracker_object": weights["tracker_object"] * F.binary_cross_entropy_with_logits(objects, present)}
     # transformers' decoder replaces the mask of a frame it scores as empty by a constant (-1024):
     # such a frame carries no mask gradient (its object score is what must change), so the mask
     # terms cover the frames that show the structure and that the tracker scores as present
-    shown = (present > 0) & (outputs.object_logits.float()[valid] > 0)
+    shown = (present > 0) & (objects > 0)
     count = max(1.0, float(shown.sum()))
     if shown.any():
         pred, gt = logits[shown], target[shown]
@@ -223,10 +314,9 @@ def tracker_loss(outputs: ClipOutputs, masks: torch.Tensor, valid: torch.Tensor,
             hard = (pred > 0).float()
             inter, union = (hard * gt).flatten(1).sum(1), ((hard + gt) > 0).float().flatten(1).sum(1)
             actual = inter / union.clamp(min=1)
-        terms["tracker_iou"] = weights["tracker_iou"] * F.l1_loss(
-            outputs.iou.float()[valid][shown], actual, reduction="sum") / count
+        terms["tracker_iou"] = weights["tracker_iou"] * F.l1_loss(ious[shown], actual, reduction="sum") / count
     else:
-        zero = logits.sum() * 0.0 + outputs.iou.float().sum() * 0.0
+        zero = logits.sum() * 0.0 + ious.sum() * 0.0
         terms["tracker_mask_focal"] = terms["tracker_mask_dice"] = terms["tracker_iou"] = zero
     return terms
 

@@ -130,14 +130,16 @@ def step_seed_kind(weights: Mapping[str, float], seed: int, step: int) -> str:
 
 def collate_clips(rows: Mapping[str, np.ndarray], tokenizer, frame_rngs, clip_rngs, valid: np.ndarray,
                   box_prob: float, box_noise: float, box_noise_max_px: float, targets_from: TargetRule,
-                  seed_kind: str = "box"):
+                  seed_kind: str = "box", corrections: Mapping[str, float] | None = None):
     """Model inputs (the detector's, plus each clip's tracker seed: its frame, kind and prompt), the
     detector's targets per frame, and the tracker's targets: masks (B, K, S, S) and valid frames (B, K).
 
     The seed frame is a slice that shows the structure, drawn per clip (both directions train);
     ``seed_kind``: the detector's top mask there (as Medical SAM3 seeds), the ground-truth mask,
     its noisy box, or one click inside it. A clip that never shows the structure is seeded on its
-    first slice: with no prompt (box, clicks) or with the detector's or an empty mask."""
+    first slice: with no prompt (box, clicks) or with the detector's or an empty mask.
+    ``corrections`` (``train.clip_corrections``): SAM2's correction clicks after a box or click
+    seed, with the seed frame's ground truth and a seed per clip for drawing them."""
     inputs, targets = collate(rows, tokenizer, frame_rngs, box_prob, box_noise, box_noise_max_px, targets_from)
     clips, length = valid.shape
     masks = np.asarray(rows["mask"]).reshape(clips, length, *rows["mask"].shape[1:])
@@ -164,4 +166,9 @@ def collate_clips(rows: Mapping[str, np.ndarray], tokenizer, frame_rngs, clip_rn
     inputs["seed_boxes"] = torch.from_numpy(boxes).float()
     inputs["seed_points"] = torch.from_numpy(points).float()
     inputs["seed_masks"] = torch.from_numpy(seed_masks)
+    if corrections and int(corrections["clicks"]) > 0 and seed_kind in ("box", "clicks"):
+        inputs["correction_clicks"] = torch.tensor(int(corrections["clicks"]))
+        inputs["correction_from_truth"] = torch.tensor(float(corrections["from_ground_truth"]))
+        inputs["correction_masks"] = torch.from_numpy(masks[np.arange(clips), np.maximum(seeds, 0)] > 0)
+        inputs["correction_seeds"] = torch.tensor([int(rng.integers(2**62)) for rng in clip_rngs])
     return inputs, targets, torch.from_numpy(masks > 0), torch.from_numpy(valid)

@@ -248,7 +248,7 @@ class FinetuneRecipe:
                 "dtype": str(detector.pred_logits.dtype).removeprefix("torch."),
                 **{k: float(v) for k, v in terms.items()}, **extra,
                 "train_dice": float(np.mean(merged_dice(detector, dice_masks, s.threshold))),
-                "samples": self.gather_sample_ids(batch)}
+                **self.gather_from_ranks(batch)}
 
     def make_batch(self, batch: dict[str, np.ndarray], epoch: int):
         """Shard rows (or clip rows) → (augmented model rows, model inputs, detector targets, and
@@ -264,7 +264,7 @@ class FinetuneRecipe:
             kind = step_seed_kind(s.clip_seed, s.seed, self.step + 1)
             inputs, targets, masks, valid = collate_clips(rows, self.tokenizer, frame_rngs, clip_rngs, valid,
                                                           s.box_prompt_prob, s.box_noise, s.box_noise_max_px,
-                                                          s.targets, kind)
+                                                          s.targets, kind, s.clip_corrections)
             return rows, inputs, targets, (masks, valid)
         rows, rngs = augment_batch(batch, self.image_size, s.augment, s.seed, epoch)
         inputs, targets = collate(rows, self.tokenizer, rngs, s.box_prompt_prob, s.box_noise,
@@ -296,17 +296,18 @@ class FinetuneRecipe:
             dist.all_reduce(sums)
         return (float(sums[0] / sums[1]) if sums[1] else float("nan")), int(sums[1])
 
-    def gather_sample_ids(self, rows: dict[str, np.ndarray]) -> list[str]:
-        """Every rank's ``case_id#slice_index`` of this step (a clip's first slice), in rank order
-        (for the log)."""
+    def gather_from_ranks(self, rows: dict[str, np.ndarray]) -> dict[str, list]:
+        """For the log, in rank order: every rank's ``case_id#slice_index`` of this step (a clip's
+        first slice) and every rank's peak memory so far (ranks differ: rank 0 gathers more)."""
         import torch.distributed as dist
 
-        mine = [f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True)]
+        mine = {"samples": [f"{c}#{i}" for c, i in zip(rows["case_id"], rows["slice_index"], strict=True)],
+                "rank_peak_memory_mb": [memory_mb()["peak_memory_mb"]]}
         if self.world == 1 or not dist.is_initialized():
             return mine
-        every: list[list[str] | None] = [None] * self.world
+        every: list[dict[str, list] | None] = [None] * self.world
         dist.all_gather_object(every, mine)
-        return [sample for rank in every for sample in rank]
+        return {key: [item for rank in every for item in rank[key]] for key in mine}
 
     def save_probe_outputs(self) -> None:
         """A fixed probe batch through the trained engine (a collective: every rank runs it); rank 0

@@ -51,6 +51,7 @@ class TrainSettings:
     lora: dict[str, Any]
     clip_length: int
     clip_seed: dict[str, float]  # weight per tracker seed kind (pipelines/clip_data.py)
+    clip_corrections: dict[str, float]  # SAM2's correction clicks: {clicks, from_ground_truth}
     preset: str | None
     model_path: str | None
     bpe_path: str | None
@@ -119,6 +120,8 @@ class TrainSettings:
             lora=OmegaConf.to_container(t.lora, resolve=True) if "lora" in t else {},
             clip_length=int(t.clip_length),
             clip_seed={k: float(v) for k, v in t.clip_seed.items()},
+            clip_corrections={"clicks": int(t.clip_corrections.clicks),
+                              "from_ground_truth": float(t.clip_corrections.from_ground_truth)},
             preset=cfg.model.preset, model_path=cfg.model.path, bpe_path=cfg.model.bpe_path,
             num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), precision=resolved,
             cpus_per_worker=float(t.cpus_per_worker), activation_checkpointing=bool(t.activation_checkpointing),
@@ -161,6 +164,9 @@ class TrainSettings:
                 or sum(self.clip_seed.values()) <= 0:
             raise TrainError(f"train.clip_seed={self.clip_seed}: weights >= 0 for {', '.join(SEED_KINDS)}, "
                              "at least one positive")
+        corrections = self.clip_corrections
+        if corrections["clicks"] < 0 or not 0 <= corrections["from_ground_truth"] <= 1:
+            raise TrainError(f"train.clip_corrections={corrections}: clicks >= 0, from_ground_truth a probability")
         if self.mode == "clips" and self.clip_length < 1:
             raise TrainError(f"train.clip_length={self.clip_length}: must be positive")
         if self.mode == "clips" and self.model_path is None and "tracker" not in preset(self.preset):

@@ -366,6 +366,77 @@ def test_each_seed_kind_prompts_the_seed_frame_and_trains_the_tracker():
         assert any(g is not None and g.abs().sum() > 0 for g in grads), kind
 
 
+def test_a_correction_click_is_drawn_from_the_error_and_labelled_by_it():
+    from medsam3.clip_model import error_click
+
+    truth = torch.zeros(8, 8, dtype=torch.bool)
+    truth[2:6, 2:6] = True
+    missed = truth.clone()
+    missed[2:6, 2:4] = False  # the left half of the structure missed
+    spilled = truth.clone()
+    spilled[6:8, :] = True  # two rows of background taken
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        (x, y), label = error_click(truth, missed, g)
+        assert label == 1 and truth[int(y), int(x)] and not missed[int(y), int(x)]
+        (x, y), label = error_click(truth, spilled, g)
+        assert label == 0 and int(y) >= 6
+        (x, y), label = error_click(truth, truth.clone(), g)  # nothing wrong: a negative click outside
+        assert label == 0 and not truth[int(y), int(x)]
+        (x, y), label = error_click(truth, None, g)  # from the ground truth alone: inside it
+        assert label == 1 and truth[int(y), int(x)]
+    draw = [error_click(truth, missed, torch.Generator().manual_seed(3))[0].tolist() for _ in range(2)]
+    assert draw[0] == draw[1]
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_correction_clicks_refine_the_seed_frame_and_train_every_step(shown):
+    """A box-seeded clip with 3 correction clicks: the seed frame is predicted 4 times, each time
+    with one more click and the previous mask, and the loss counts every step. A clip that never
+    shows the structure runs the same steps with negative clicks (ZeRO-3: the same modules on every
+    rank)."""
+    from medsam3.clip_model import Sam3VideoForClipTraining, tracker_loss
+    from pipelines.clip_data import collate_clips
+
+    torch.manual_seed(0)
+    model = Sam3VideoForClipTraining(preset_video_config("tiny_video")).train()
+    tokenizer = build_word_tokenizer(["lesion"])
+    masks = np.zeros((3, 224, 224), np.uint8)
+    if shown:
+        masks[:, 50:90, 60:100] = 1
+    rows = {"pixel_values": np.random.default_rng(1).normal(size=(3, 3, 224, 224)).astype(np.float32),
+            "mask": masks, "prompt": np.array(["lesion"] * 3, dtype=object)}
+    valid = np.ones((1, 3), bool)
+    corrections = {"clicks": 3, "from_ground_truth": 0.0}
+    inputs, _, truth, valid_t = collate_clips(rows, tokenizer, [np.random.default_rng(k) for k in range(3)],
+                                              [np.random.default_rng(5)], valid, 0.0, 0.1, 20, TargetRule(),
+                                              "box", corrections)
+    seen = []
+    original = model.tracker_model._single_frame_forward
+
+    def recorded(*args, **kwargs):
+        seen.append((kwargs.get("input_labels"), kwargs.get("input_masks")))
+        return original(*args, **kwargs)
+
+    model.tracker_model._single_frame_forward = recorded
+    out = model(**inputs)
+    seed = int(inputs["seed_frames"][0]) if shown else 0
+    assert out.step_masks.shape == (1, 3, 224, 224) and int(out.step_frames[0]) == seed
+    labels = [s[0] for s in seen if s[1] is not None]  # the three corrected predictions
+    assert len(seen) == 3 + 3 and len(labels) == 3
+    assert [lab.shape[-1] for lab in labels] == ([3, 4, 5] if shown else [1, 2, 3])  # box corners + clicks
+    if not shown:  # nothing to find: every click says "not here"
+        assert all(int(v) == 0 for v in labels[-1].flatten())
+    assert not torch.equal(out.step_masks[0, 0], out.masks[0, seed])  # the clicks changed the mask
+    terms = tracker_loss(out, truth, valid_t, loss_weights("released"))
+    without = tracker_loss(type(out)(detector=out.detector, masks=out.masks, iou=out.iou,
+                                     object_logits=out.object_logits), truth, valid_t, loss_weights("released"))
+    assert terms["tracker_object"] != without["tracker_object"]
+    model.zero_grad()
+    sum(terms.values()).backward()
+    assert model.tracker_model.prompt_encoder.mask_embed.conv1.weight.grad.abs().sum() > 0  # the fed-back mask
+
+
 # --- slow: clip training on real CT, then propagation ----------------------------------------
 
 @pytest.mark.slow
