@@ -151,7 +151,7 @@ def main() -> None:
     mfu = flops * rate / peak if peak else None
     rows = [[f"training, samples/s (1 worker, batch {args.batch})", f"{rate:.2f}"],
             ["training, seconds per step", f"{step_s:.2f}"],
-            ["model FLOPs per sample (forward + backward)", f"{flops / 1e12:.2f} TFLOP"],
+            ["model FLOPs per sample (forward + backward)", f"{flops / 1e9:,.1f} GFLOP"],
             ["MFU (dense bf16 peak)", f"{100 * mfu:.1f} %" if mfu is not None else "peak unknown"],
             ["training, peak memory", f"{peaks[0]:,.0f} MB"],
             *[[f"inference, {mode}, seconds per slice ({args.depth} slices)", f"{seconds:.3f}"]
