@@ -12,9 +12,11 @@ With ``--stages``: one run per ZeRO stage (``train.zero_stage`` 0-3) of the ``me
 time against stage 3's, the memory rank 0 holds between steps (median over steps 5+) and its
 peak (setup included; resident set on CPU, allocated memory on a GPU).
 With ``--full``: the full-size SAM3 (the ``sam3_336`` preset: every weight of the released model,
-random values, fed 336² images so that activations fit a 24 GB machine) trained by 2 workers with
-bf16 and activation checkpointing at ZeRO stages 3, 2 and 1: seconds per step, every rank's peak
-memory against the model-state arithmetic of docs/cluster.md, and the stages that do not fit.
+random values saved to a folder and fine-tuned from it as from released weights, fed 336² images
+so that activations fit a 24 GB machine) on 2 ranks with bf16 and activation checkpointing:
+``medsam3 train`` (2 Ray Train workers, ZeRO-3), then the same engine in 2 plain DeepSpeed
+processes at stages 3, 2 and 1: seconds per step, every rank's peak memory against the
+model-state arithmetic of docs/cluster.md, and the runs that do not fit.
 The figures are also written as JSON (``--json``, default ``benchmarks/results/train.json``; one
 section per mode, a run replaces only its own).
 """
@@ -302,13 +304,12 @@ def compare_stages(tmp: Path, steps: int, overrides: list[str], json_path: str |
              for stage, rate, held, peak, loss in rows])])
 
 
-def full_config(stage: int, steps: int, overrides: list[str]):
-    """The --full run's train config at ZeRO ``stage``."""
+def full_config(model: Path, stage: int, steps: int, overrides: list[str]):
+    """The --full run's train config at ZeRO ``stage``, fine-tuning the weights in ``model``."""
     from medsam3.config import load_config
 
-    bpe = ROOT.parent / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
     return load_config("train", [
-        "model.preset=sam3_336", f"model.bpe_path={bpe}", f"train.zero_stage={stage}", "train.precision=bf16",
+        f"model.path={model}", "loss.objective=detr", f"train.zero_stage={stage}", "train.precision=bf16",
         "train.activation_checkpointing=true", "train.batch_size=1", f"train.max_steps={steps}",
         "train.checkpoint_every=100000", "train.val_every=0", "train.val_fraction=0", "train.max_failures=0",
         "optim.warmup_steps=1", "optim.cooldown_steps=1",
@@ -327,7 +328,7 @@ def worker_peaks(stop, peaks: dict[int, float]) -> None:
                 peaks[proc.info["pid"]] = max(peaks.get(proc.info["pid"], 0.0), rss)
 
 
-def ray_train_full(tmp: Path, steps: int, overrides: list[str]) -> tuple[str, list[float]]:
+def ray_train_full(tmp: Path, model: Path, steps: int, overrides: list[str]) -> tuple[str, list[float]]:
     """``medsam3 train`` of the full-size model at ZeRO-3, 2 Ray Train workers: the outcome and
     the workers' sampled peak memory (MB)."""
     import threading
@@ -338,7 +339,7 @@ def ray_train_full(tmp: Path, steps: int, overrides: list[str]) -> tuple[str, li
     sampler = threading.Thread(target=worker_peaks, args=(stop, peaks), daemon=True)
     sampler.start()
     try:
-        run_train(tmp / "shards", tmp / "ray_full", full_config(3, steps, overrides))
+        run_train(tmp / "shards", tmp / "ray_full", full_config(model, 3, steps, overrides))
         log = [json.loads(line) for line in (tmp / "ray_full" / "metrics.jsonl").read_text().splitlines()]
         outcome = f"{statistics.median(m['step_s'] for m in log[1:]):.1f} s per step"
     except Exception as error:  # noqa: BLE001  (running out of memory is the result)
@@ -351,7 +352,7 @@ def ray_train_full(tmp: Path, steps: int, overrides: list[str]) -> tuple[str, li
     return outcome, sorted(peaks.values(), reverse=True)[:2]
 
 
-def plain_rank(rank: int, world: int, port: int, shards: str, run_dir: str, stage: int, steps: int,
+def plain_rank(rank: int, world: int, port: int, shards: str, model_dir: str, stage: int, steps: int,
                overrides: list[str], queue) -> None:
     """One rank of a plain DeepSpeed run (no Ray): the recipe's model, partitioned construction,
     optimizer, engine, batches and loss; puts (step seconds, peak RSS MB, losses) on ``queue``."""
@@ -370,7 +371,7 @@ def plain_rank(rank: int, world: int, port: int, shards: str, run_dir: str, stag
     from transformers import AutoTokenizer
 
     from medsam3.losses import set_loss
-    from medsam3.model import build_model, enable_activation_checkpointing, partitioned_construction
+    from medsam3.model import enable_activation_checkpointing, load_detector, partitioned_construction
     from medsam3.ops import enable_box_prompts
     from medsam3.optim import inverse_sqrt_schedule, param_groups
     from medsam3.schema import shard_files
@@ -378,19 +379,18 @@ def plain_rank(rank: int, world: int, port: int, shards: str, run_dir: str, stag
     from pipelines.settings import TrainSettings
     from pipelines.train_data import Augmentation, collate, sample_rng, stack_rows, train_transform
 
-    cfg = full_config(stage, steps, overrides)
+    cfg = full_config(Path(model_dir), stage, steps, overrides)
     settings = TrainSettings.from_config(cfg)
     enable_box_prompts()
-    torch.manual_seed(0)
-    with partitioned_construction(settings.deepspeed_config()):
-        model = build_model("sam3_336")
+    with partitioned_construction(settings.deepspeed_config()):  # as the recipe loads model.path
+        model = load_detector(model_dir)
     enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim))
     scheduler = inverse_sqrt_schedule(optimizer, cfg.optim, steps)
     engine, _, _, _ = deepspeed.initialize(model=model.train(), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=settings.deepspeed_config())
     move = engine_inputs(engine)
-    tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = pads.dataset(shard_files(shards), format="parquet").to_table().to_pylist()
     rng, augment = np.random.default_rng(rank), Augmentation.from_config(cfg.train)
     times, losses = [], []
@@ -410,7 +410,7 @@ def plain_rank(rank: int, world: int, port: int, shards: str, run_dir: str, stag
     dist.destroy_process_group()
 
 
-def plain_deepspeed_full(tmp: Path, stage: int, steps: int, overrides: list[str]) -> dict | None:
+def plain_deepspeed_full(tmp: Path, model: Path, stage: int, steps: int, overrides: list[str]) -> dict | None:
     """2 plain DeepSpeed processes at ZeRO ``stage``; None when a rank dies (out of memory)."""
     import multiprocessing
     import queue as queues
@@ -421,8 +421,8 @@ def plain_deepspeed_full(tmp: Path, stage: int, steps: int, overrides: list[str]
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     found = context.Queue()
-    ranks = [context.Process(target=plain_rank, args=(rank, 2, port, str(tmp / "shards"), str(tmp / "ray_full"),
-                                                      stage, steps, overrides, found)) for rank in range(2)]
+    ranks = [context.Process(target=plain_rank, args=(rank, 2, port, str(tmp / "shards"), str(model), stage, steps,
+                                                      overrides, found)) for rank in range(2)]
     for process in ranks:
         process.start()
     results = {}
@@ -442,23 +442,26 @@ def plain_deepspeed_full(tmp: Path, stage: int, steps: int, overrides: list[str]
 
 
 def full_size(tmp: Path, steps: int, overrides: list[str], json_path: str | None = None) -> None:
-    """The full-size model: ``medsam3 train`` with 2 Ray Train workers at ZeRO-3, then the same
-    model, batches and engine in 2 plain DeepSpeed processes at stages 3, 2 and 1."""
+    """The full-size model, saved with random weights and fine-tuned from that folder as from
+    released weights: ``medsam3 train`` with 2 Ray Train workers at ZeRO-3, then the same model,
+    batches and engine in 2 plain DeepSpeed processes at stages 3, 2 and 1."""
     import ray
     import torch
 
+    from benchmarks.inference import tiny_checkpoint
     from medsam3.model import build_model
 
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model("sam3_336").parameters())
-    outcome, ray_peaks = ray_train_full(tmp, steps, overrides)
+    model = tiny_checkpoint(tmp / "sam3_336", "sam3_336")  # random weights, the CLIP tokenizer
+    outcome, ray_peaks = ray_train_full(tmp, model, steps, overrides)
     ray.shutdown()
     print(f"  Ray Train, ZeRO-3: {outcome}; workers' peak {', '.join(f'{p / 1024:.1f}' for p in ray_peaks)} GB")
     rows = [["Ray Train (`medsam3 train`), 2 workers", 3, outcome,
              " / ".join(f"{p / 1024:.1f} GB" for p in ray_peaks), f"{STATE_BYTES[3](2) * params / 1e9:.1f} GB"]]
     for stage in (3, 2, 1):
         state_gb = STATE_BYTES[stage](2) * params / 1e9
-        result = plain_deepspeed_full(tmp, stage, steps, overrides)
+        result = plain_deepspeed_full(tmp, model, stage, steps, overrides)
         if result is None:
             print(f"  plain DeepSpeed, stage {stage}: a rank died (out of memory)")
             rows.append(["plain DeepSpeed, 2 processes", stage, "a rank was killed: out of memory", "",

@@ -12,6 +12,9 @@ is a single-node Ray on this machine, joined from 127.0.0.1 as well.
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 NO_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -44,6 +47,51 @@ def init_ray(address: str | None = None, env: dict[str, str] | None = None, **kw
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
             kwargs["runtime_env"] = runtime_env
     ray.init(address=address, **kwargs)
+
+
+def require_reachable(paths: Mapping[str, str | os.PathLike | None], error: type[Exception]) -> None:
+    """Refuse, before any task runs, a local path that another node of the Ray cluster cannot see.
+
+    ``paths``: what each path is (named in the error) → the path. ``s3://`` URIs reach every node;
+    on a single-node Ray so does every local path. Otherwise the driver leaves a marker file in
+    each path's nearest existing folder, and a zero-CPU task on every other node looks for it: a
+    path on the driver's own disk, or on a file system that some nodes do not mount, is refused
+    with the node's address. A folder the driver cannot write in is looked for itself."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from medsam3.io import storage
+
+    local = {what: Path(p).absolute() for what, p in paths.items() if p is not None and not storage.is_remote(p)}
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not local or not nodes:
+        return
+    token, looked_for = uuid.uuid4().hex, {}
+    try:
+        for what, path in local.items():
+            folder = path if path.is_dir() else next(p for p in path.parents if p.is_dir())
+            try:
+                (folder / f".medsam3-reach-{token}").write_bytes(b"")
+                looked_for[what] = folder / f".medsam3-reach-{token}"
+            except OSError:
+                looked_for[what] = path
+
+        @ray.remote(num_cpus=0)
+        def seen(candidates: list[str]) -> list[bool]:
+            return [os.path.exists(c) for c in candidates]
+
+        answers = {node["NodeManagerAddress"]: seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote([str(p) for p in looked_for.values()]) for node in nodes}
+        for address, answer in answers.items():
+            for what, found in zip(looked_for, ray.get(answer, timeout=120), strict=True):
+                if not found:
+                    raise error(f"{what} {local[what]}: a local path that node {address} of the Ray cluster "
+                                "cannot see; give an s3:// URI, or a path on a file system every node mounts")
+    finally:
+        for marker in looked_for.values():
+            if marker.name == f".medsam3-reach-{token}":
+                marker.unlink(missing_ok=True)
 
 
 def keep_serve_replicas_on_loopback() -> None:

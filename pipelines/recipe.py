@@ -90,10 +90,11 @@ class FinetuneRecipe:
 
         enable_box_prompts()
         clips, path = self.settings.mode == "clips", self.settings.model_path
-        # ZeRO-3 builds the model partitioned, except a video model assembled from an image
-        # checkpoint and a random tracker, which copies whole state dicts between models
-        assembled = clips and path is not None and checkpoint_type(path) != "sam3_video"
-        with partitioned_construction(None if assembled else self.settings.deepspeed_config()):
+        # ZeRO-3 loads trained weights partitioned. A preset's random weights are built whole, so a
+        # seed gives the same initial weights at every stage, and so is a video model assembled
+        # from an image checkpoint and a random tracker (it copies whole state dicts).
+        partitioned = path is not None and not (clips and checkpoint_type(path) != "sam3_video")
+        with partitioned_construction(self.settings.deepspeed_config() if partitioned else None):
             if clips:  # the video model, with a training forward
                 from medsam3.clip_model import Sam3VideoForClipTraining
                 from medsam3.video import build_video_model

@@ -114,9 +114,10 @@ def plot_curves(folder: Path) -> Path | None:
     lines = [",".join(columns)] + [",".join(str(by_step[k].get(c, "")) for c in columns) for k in sorted(by_step)]
     (Path(folder) / "curves.csv").write_text("\n".join(lines) + "\n")
     steps = [r["step"] for r in records]
-    not_terms = {"step", "max_steps", "epoch", "lr", "samples_per_s", "val_dice", "val_samples", "train_dice",
-                 "step_s", "data_wait_s", "eta_s", "samples", "dtype"}
-    terms = [k for k in records[-1] if k not in not_terms]
+    not_terms = {"step", "max_steps", "epoch", "lr", "samples_per_s", "frames_per_s", "val_dice", "val_samples",
+                 "train_dice", "tracker_dice", "step_s", "data_wait_s", "eta_s", "memory_mb", "peak_memory_mb"}
+    terms = [k for k, v in records[-1].items()
+             if k not in not_terms and isinstance(v, int | float) and not isinstance(v, bool)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key in terms:
         axes[0].plot(steps, [r.get(key, math.nan) for r in records], label=key)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsam3.io import storage
 from medsam3.plans import Plans
-from medsam3.ray_local import init_ray
+from medsam3.ray_local import init_ray, require_reachable
 from medsam3.schema import arrow_source, shard_dataset, shard_files, validate_shards
 from pipelines.recipe import quiet_report_log, train_loop_per_worker
 from pipelines.run_folder import SPLIT_FILE, RunFolder
@@ -57,6 +57,7 @@ def run_train(shards: str | os.PathLike, run_dir: str | os.PathLike, cfg: DictCo
         init_ray(address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING",
                  env=train_environment(settings.use_gpu))
     _check_resources(settings)
+    require_reachable({"SHARDS": shards, "RUN_DIR": run.uri}, TrainError)  # before any worker starts
     from medsam3.inference import checkpoint_image_size
     from medsam3.model import build_tokenizer, preset
 

@@ -92,36 +92,33 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero3_builds_the_model_partitioned_with_initialised_weights(tmp_path, monkeypatch, precision):
-    """Under ZeRO-3 no rank holds the whole model at any time, and the weights are still SAM3's
-    initialisation (transformers suppresses it while building partitioned and must redo it)."""
+def test_zero3_loads_a_checkpoint_partitioned_with_its_weights(tmp_path, monkeypatch, precision):
+    """Under ZeRO-3 no rank holds the whole model at any time, and the partitioned model holds the
+    checkpoint's weights (transformers loads each module gathered on rank 0)."""
     import deepspeed
     import torch.distributed as dist
+    from transformers import Sam3Model
 
     from medsam3.model import partitioned_construction
 
+    torch.manual_seed(0)
+    saved = build_model("tiny")
+    saved.save_pretrained(tmp_path / "tiny")
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        reference = build_model("tiny")
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                   "bf16": {"enabled": precision == "bf16"}}
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         with partitioned_construction(config):
-            model = build_model("tiny")
+            model = Sam3Model.from_pretrained(tmp_path / "tiny", local_files_only=True)
         params = dict(model.named_parameters())
         assert all(p.numel() == 0 and hasattr(p, "ds_numel") for p in params.values())  # partitioned at birth
-        assert sum(p.ds_numel for p in params.values()) == sum(p.numel() for p in reference.parameters())
-        assert {p.dtype for p in params.values()} == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert {p.dtype for p in params.values()} == {dtype}
         with deepspeed.zero.GatheredParameters(list(params.values())):
-            for name, ref in reference.named_parameters():
-                built = params[name].detach().float()
-                assert built.shape == ref.shape, name
-                if ref.numel() >= 1024:  # an initialised matrix: SAM3's spread, not zeros or garbage
-                    assert abs(built.std() - ref.std()) <= 0.15 * ref.std() + 1e-3, name
-                else:
-                    assert torch.allclose(built.mean(), ref.mean(), atol=0.1 + 0.5 * float(ref.abs().mean())), name
+            for name, weight in saved.named_parameters():
+                assert torch.equal(params[name].detach(), weight.detach().to(dtype)), name
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         assert not is_deepspeed_zero3_enabled()  # later builds in the process are ordinary again
