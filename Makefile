@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test browser demo repro test lint bench bench-doc clean
+.PHONY: install install-test browser demo repro test cluster-test lint bench bench-doc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ browser:
 test: install-test browser
 	$(BIN)/ruff check .
 	MEDSAM3_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -ra --durations=25
+
+# The multi-node tests alone: three Ray nodes in their own network and mount namespaces on this
+# machine, S3 the only storage they share (tests/cluster.py; needs root).
+cluster-test: install-test
+	$(BIN)/python -m pytest -q -ra tests/test_cluster.py
 
 lint: install-test
 	$(BIN)/ruff check .

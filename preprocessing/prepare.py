@@ -28,7 +28,7 @@ import medsam3
 from medsam3.errors import StageError
 from medsam3.io import CaseError, CaseRef, discover, read_case, storage
 from medsam3.plans import Plans
-from medsam3.ray_local import init_ray
+from medsam3.ray_local import init_ray, require_reachable
 from medsam3.samples import case_rows
 from medsam3.schema import SCHEMA_VERSION, parquet_options, row_tables, shard_dataset, shard_files
 from medsam3.vocab import Vocabulary
@@ -157,6 +157,7 @@ def run_prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, cfg
 
     if not ray.is_initialized():
         init_ray(address, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    require_reachable({"INPUT": input_dir, "OUTPUT": output}, PrepareError)  # before any task, on every node
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # deterministic row order and file contents
     # One read task per case, fused with the write: outputs are tiny, so the object-store
