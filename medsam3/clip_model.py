@@ -183,10 +183,7 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             session.store_output(obj, k, output_value={
                 "pred_masks": out.pred_masks, "object_pointer": out.object_pointer,
                 "maskmem_features": memory, "maskmem_pos_enc": memory_pos}, is_conditioning_frame=is_seed)
-            # the IoU the decoder predicts for the mask it chose (the best of several, or its only one)
-            iou = out.iou_scores.reshape(-1)
-            results[k] = (out.high_res_masks.reshape(tracker.image_size, tracker.image_size),
-                          iou.max() if iou.numel() > 1 else iou[0], out.object_score_logits.reshape(()))
+            results[k] = frame_result(out, tracker.image_size)
         return (*(torch.stack([results[k][i] for k in range(length)]) for i in range(3)), steps)
 
     def _correct(self, out, prompt: dict[str, torch.Tensor] | None, embeddings: list[torch.Tensor],
@@ -203,9 +200,8 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
             points, labels = prompt["point_coords"].float(), prompt["point_labels"]
         steps = []
         for _ in range(corrections.clicks):
-            mask = out.high_res_masks.reshape(size, size)
-            iou = out.iou_scores.reshape(-1)
-            steps.append((mask, iou.max() if iou.numel() > 1 else iou[0], out.object_score_logits.reshape(())))
+            steps.append(frame_result(out, size))
+            mask = steps[-1][0]
             from_truth = float(torch.rand((), generator=corrections.generator)) < corrections.from_truth
             xy, label = error_click(corrections.truth.to(device),
                                     None if from_truth else (mask.detach() > 0), corrections.generator)
@@ -217,6 +213,14 @@ class Sam3VideoForClipTraining(Sam3VideoModel):
                 image_embeddings=embeddings,
                 multimask_output=tracker._use_multimask(True, {"point_labels": labels}))
         return out, tuple(torch.stack(parts) for parts in zip(*steps, strict=True))
+
+
+def frame_result(out, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tracker step's mask logits (S, S), the IoU the decoder predicts for the mask it chose (the
+    best of several, or its only one) and the object score logit."""
+    iou = out.iou_scores.reshape(-1)
+    return (out.high_res_masks.reshape(size, size), iou.max() if iou.numel() > 1 else iou[0],
+            out.object_score_logits.reshape(()))
 
 
 @dataclass

@@ -49,16 +49,15 @@ def build_model(preset_name: str | None = None, path: str | os.PathLike | None =
     if path is not None:
         return load_detector(path)
     spec = preset(preset_name or "tiny")
-    return Sam3Model._from_config(Sam3Config(**spec["config"]))  # partitioned under partitioned_construction
+    return Sam3Model(Sam3Config(**spec["config"]))
 
 
 @contextlib.contextmanager
 def partitioned_construction(deepspeed_config: dict[str, Any] | None) -> Iterator[None]:
-    """Models loaded inside (``from_pretrained``, or built by ``build_model``) are born partitioned
-    over the ranks when ``deepspeed_config`` is ZeRO-3: transformers then builds them under
-    ``deepspeed.zero.Init`` and loads (or initialises) each module's weights gathered on rank 0,
-    and no rank ever holds the whole model (the full-size model in fp32 is 3.4 GB per rank).
-    ``None``: an ordinary build."""
+    """Models loaded inside (``from_pretrained``) are born partitioned over the ranks when
+    ``deepspeed_config`` is ZeRO-3: transformers then builds them under ``deepspeed.zero.Init``
+    and loads each module's weights gathered on rank 0, and no rank ever holds the whole model
+    (the full-size model in fp32 is 3.4 GB per rank). ``None``: an ordinary load."""
     if deepspeed_config is None or deepspeed_config["zero_optimization"]["stage"] != 3:
         yield
         return

@@ -63,9 +63,11 @@ def require_reachable(paths: Mapping[str, str | os.PathLike | None], error: type
     from medsam3.io import storage
 
     local = {what: Path(p).absolute() for what, p in paths.items() if p is not None and not storage.is_remote(p)}
+    if not local:
+        return
     here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
-    if not local or not nodes:
+    if not nodes:
         return
     token, looked_for = uuid.uuid4().hex, {}
     try:

@@ -110,7 +110,7 @@ def build_video_model(preset_name: str | None = None, path: str | os.PathLike | 
     """A video model to train or test: a SAM3 video folder's; an image folder's detector with a
     random tracker of the preset's config; or all random from the preset."""
     if path is None:
-        return model_class._from_config(preset_video_config(preset_name or "tiny_video"))
+        return model_class(preset_video_config(preset_name or "tiny_video"))
     if checkpoint_type(path) == "sam3_video":
         return model_class.from_pretrained(os.fspath(check_checkpoint(path)), local_files_only=True)
     return assemble_video_model(load_detector(path), None, preset_name, allow_random_tracker=True,

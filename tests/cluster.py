@@ -49,7 +49,7 @@ class Node:
 
 @dataclass
 class LocalCluster:
-    """``nodes`` Ray nodes (the first the head) with ``cpus`` logical CPUs each."""
+    """One Ray node per entry of ``cpus`` (its logical CPUs), the first the head."""
 
     cpus: list[int]
     env: dict[str, str] = field(default_factory=dict)  # every node's environment, beside PATH
