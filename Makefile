@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Exact pin: this release installs as a CPU build offline; anything looser pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test browser demo repro test cluster-test lint bench bench-doc clean
+.PHONY: install install-test browser cluster-tools demo repro test cluster-test lint bench bench-doc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,14 +51,20 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| { echo "error: chromium could not be installed; the page tests need it"; exit 1; }
 
+# iproute2 and util-linux for the multi-node harness (tests/cluster.py: namespaces need root).
+cluster-tools:
+	@command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null \
+		|| [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq iproute2 util-linux >/dev/null; } \
+		|| { echo "error: iproute2 could not be installed; the cluster tests need it"; exit 1; }
+
 # the page tests fail rather than skip here when Chromium is missing
-test: install-test browser
+test: install-test browser cluster-tools
 	$(BIN)/ruff check .
 	MEDSAM3_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -ra --durations=25
 
 # The multi-node tests alone: three Ray nodes in their own network and mount namespaces on this
 # machine, S3 the only storage they share (tests/cluster.py; needs root).
-cluster-test: install-test
+cluster-test: install-test cluster-tools
 	$(BIN)/python -m pytest -q -ra tests/test_cluster.py
 
 lint: install-test
